@@ -1,0 +1,1 @@
+"""scalora: low-rank adapters whose scaling is principled."""
