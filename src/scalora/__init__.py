@@ -1,1 +1,41 @@
-"""scalora: low-rank adapters whose scaling is principled."""
+"""scalora: low-rank adapters whose scaling is principled (LoRA, rsLoRA, α-LoRA, ScaLoRA)."""
+
+from scalora.config import LoraConfig, lora_scaling
+from scalora.errors import AdapterFileError, ConfigError, ScaloraError
+from scalora.layers import LoraLayer
+from scalora.model import (
+    apply_lora,
+    disable_adapters,
+    lora_layers,
+    merge,
+    print_trainable_parameters,
+    targetable_modules,
+    trainable_parameters,
+    unmerge,
+)
+from scalora.peft_format import load_adapter, save_adapter
+
+get_peft_model = apply_lora  # the name PEFT users reach for first
+merge_and_unload = merge
+
+__all__ = [
+    "AdapterFileError",
+    "ConfigError",
+    "LoraConfig",
+    "LoraLayer",
+    "ScaloraError",
+    "apply_lora",
+    "disable_adapters",
+    "get_peft_model",
+    "load_adapter",
+    "lora_layers",
+    "lora_scaling",
+    "merge",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "save_adapter",
+    "targetable_modules",
+    "trainable_parameters",
+    "unmerge",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,207 @@
+"""LoRA layers: a frozen base layer plus a scaled low-rank update and an optional α vector.
+
+    y = a ⊙ base(x) + s · B (A x)        A: r × in,  B: out × r,  a ∈ R^out (α-LoRA; 1 when absent)
+
+Every layer type shares that maths in :class:`LoraLayer`; the subclasses only say how the adapter reads its
+input (a matrix product for ``nn.Linear`` and GPT-2's ``Conv1D``, a table look-up for ``nn.Embedding``) and how
+the base weight is laid out (``(out, in)`` for ``nn.Linear``; ``(in, out)`` for ``Conv1D`` and ``nn.Embedding``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalora.errors import ConfigError
+
+
+class LoraLayer(nn.Module):
+    """Base of the LoRA layers. ``delta_weight() = s · B A`` in ``(out, in)`` layout.
+
+    Args:
+        base_layer: the frozen layer being adapted.
+        in_features / out_features: sizes of the adapted map (for an embedding: vocabulary and dimension).
+        r: rank; lora_alpha, use_rslora: give the scale s (see `scalora.config.lora_scaling`).
+        lora_dropout: dropout on the adapter's input.
+        alpha_vector: add α-LoRA's learned row scaling `a` of the base output (initialised to 1).
+        init_lora_weights: True (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r²), B = 0), False (random).
+    """
+
+    #: the base weight is stored as (in, out) instead of (out, in)
+    fan_in_fan_out: bool = False
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        in_features: int,
+        out_features: int,
+        r: int,
+        scaling: float,
+        *,
+        lora_dropout: float = 0.0,
+        alpha_vector: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> None:
+        super().__init__()
+        check_rank(r, in_features, out_features, "this layer")
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.scaling = scaling
+        weight = base_layer.weight
+        # Half-precision bases get float32 adapters (as PEFT does): the low-rank factors are tiny.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        kwargs = {"device": weight.device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **kwargs))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **kwargs))
+        self.alpha_vector = nn.Parameter(torch.ones(out_features, **kwargs)) if alpha_vector else None
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    def reset_lora_parameters(self, init: bool | str = True) -> None:
+        """A Kaiming-uniform (a = √5) or N(0, 1/r²), B = 0: the layer starts as its base."""
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B)
+
+    # ------------------------------------------------------------------ weights in (out, in) layout
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight as stored (so code that reads `.weight` of the wrapped layer keeps working)."""
+        return self.base_layer.weight
+
+    def base_weight_oi(self) -> torch.Tensor:
+        """A view of the frozen base weight in (out, in) layout; writing to it writes the base weight."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A, shape (out, in), in the adapter's dtype."""
+        return (self.lora_B * self.scaling) @ self.lora_A
+
+    # ------------------------------------------------------------------ forward
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """s · B (A x) for the layer's input x (overridden for embeddings)."""
+        x = self.lora_dropout(x).to(self.lora_A.dtype)
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or self.disabled:
+            return result
+        if self.alpha_vector is not None:
+            result = result * self.alpha_vector.to(result.dtype)
+        return result + self.lora_output(x).to(result.dtype)
+
+    # ------------------------------------------------------------------ merge / unmerge
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← diag(a) W + s B A and b ← a ⊙ b, in place; the forward then uses the base layer alone."""
+        if self.merged:
+            return
+        weight = self.base_weight_oi()
+        if self.alpha_vector is not None:
+            a = self.alpha_vector.to(weight.dtype)
+            weight.mul_(a[:, None])
+            if getattr(self.base_layer, "bias", None) is not None:
+                self.base_layer.bias.mul_(a.to(self.base_layer.bias.dtype))
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`: W ← diag(1/a)(W − s B A), b ← b / a (exact up to rounding; impossible if some a = 0)."""
+        if not self.merged:
+            return
+        weight = self.base_weight_oi()
+        if self.alpha_vector is not None and bool((self.alpha_vector == 0).any()):
+            raise ConfigError("cannot unmerge: some entries of the α vector are 0, so the base weight is lost.")
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        if self.alpha_vector is not None:
+            a = self.alpha_vector.to(weight.dtype)
+            weight.div_(a[:, None])
+            if getattr(self.base_layer, "bias", None) is not None:
+                self.base_layer.bias.div_(a.to(self.base_layer.bias.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        alpha = ", alpha_vector=True" if self.alpha_vector is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:.4g}{alpha}"
+
+
+class Linear(LoraLayer):
+    """LoRA around ``nn.Linear`` (weight (out, in))."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, scaling: float, **kwargs) -> None:
+        super().__init__(base_layer, base_layer.in_features, base_layer.out_features, r, scaling, **kwargs)
+
+
+class Conv1D(LoraLayer):
+    """LoRA around transformers' GPT-2 ``Conv1D`` (y = x W + b with W stored (in, out))."""
+
+    fan_in_fan_out = True
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, **kwargs) -> None:
+        in_features, out_features = base_layer.weight.shape
+        super().__init__(base_layer, in_features, out_features, r, scaling, **kwargs)
+
+
+class Embedding(LoraLayer):
+    """LoRA around ``nn.Embedding`` (table (num_embeddings, dim) = (in, out)); ΔW = s (B A)ᵀ.
+
+    As in PEFT, A (r × num_embeddings) starts at 0 and B (dim × r) is Gaussian, and no dropout is applied.
+    """
+
+    fan_in_fan_out = True
+
+    def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, **kwargs) -> None:
+        kwargs["lora_dropout"] = 0.0
+        super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim, r, scaling, **kwargs)
+
+    def reset_lora_parameters(self, init: bool | str = True) -> None:
+        with torch.no_grad():
+            if init is False:
+                nn.init.normal_(self.lora_A)
+            else:
+                nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        after_a = F.embedding(
+            x, self.lora_A.t(), padding_idx=base.padding_idx, max_norm=base.max_norm,
+            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+        )
+        return F.linear(after_a * self.scaling, self.lora_B)
+
+
+def check_rank(r: int, in_features: int, out_features: int, where: str) -> None:
+    """A rank-r update of an out × in weight needs r ≤ min(in, out)."""
+    if r > min(in_features, out_features):
+        raise ConfigError(
+            f"r={r} is larger than {where} allows: its weight is {out_features} × {in_features}, so the rank can "
+            f"be at most {min(in_features, out_features)}. Lower r, or give it its own rank with rank_pattern."
+        )
+
+
+def lora_layer_class(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA class that wraps `module`, or None if its type is not supported."""
+    if isinstance(module, nn.Linear):
+        return Linear
+    if isinstance(module, nn.Embedding):
+        return Embedding
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        return Conv1D  # transformers.pytorch_utils.Conv1D, matched by name so transformers stays optional
+    return None
