@@ -175,8 +175,9 @@ def test_regex_targets_and_exclusions() -> None:
 
 
 def test_rank_and_alpha_patterns() -> None:
-    model = apply_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 1}))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+                        alpha_pattern={"layers.1.self_attn.q_proj": 1})
+    model = apply_lora(tiny_llama(), config)
     layers = dict(lora_layers(model))
     assert layers["model.layers.0.self_attn.v_proj"].r == 2
     assert layers["model.layers.0.self_attn.q_proj"].scaling == 2.0

@@ -62,6 +62,8 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        # Rounding error of repeated folds into a half-precision base weight (see `fold_`); None until enabled.
+        self.register_buffer("base_compensation", None)
         self.reset_lora_parameters(init_lora_weights)
 
     def reset_lora_parameters(self, init: bool | str = True) -> None:
@@ -91,6 +93,30 @@ class LoraLayer(nn.Module):
         """s · B A, shape (out, in), in the adapter's dtype."""
         return (self.lora_B * self.scaling) @ self.lora_A
 
+    def enable_compensation(self) -> None:
+        """Keep a buffer, in the weight's dtype and (out, in) layout, of what folds into the base lost to rounding."""
+        if self.base_compensation is None:
+            self.base_compensation = torch.zeros_like(self.base_weight_oi(), memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def fold_(self, B: torch.Tensor, A: torch.Tensor) -> None:
+        """W0 ← W0 + B A (in (out, in) layout), the base of ScaLoRA's and ReLoRA's merges.
+
+        With `enable_compensation`, the sum is formed in float32 as W0 + c + B A and the part lost when it is
+        rounded back to W0's dtype is kept in c (Kahan summation), so thousands of tiny folds into a bf16 weight
+        add up instead of vanishing.
+        """
+        weight = self.base_weight_oi()
+        if self.base_compensation is None:
+            if weight.dtype == B.dtype:
+                weight.addmm_(B, A)
+            else:
+                weight.add_((B @ A).to(weight.dtype))
+            return
+        exact = torch.addmm(weight.float() + self.base_compensation.float(), B.float(), A.float())
+        weight.copy_(exact)
+        self.base_compensation.copy_(exact - weight.float())
+
     # ------------------------------------------------------------------ forward
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """s · B (A x) for the layer's input x (overridden for embeddings)."""
@@ -117,7 +143,7 @@ class LoraLayer(nn.Module):
             weight.mul_(a[:, None])
             if getattr(self.base_layer, "bias", None) is not None:
                 self.base_layer.bias.mul_(a.to(self.base_layer.bias.dtype))
-        weight.add_(self.delta_weight().to(weight.dtype))
+        self.fold_(self.lora_B * self.scaling, self.lora_A)
         self.merged = True
 
     @torch.no_grad()
@@ -128,7 +154,7 @@ class LoraLayer(nn.Module):
         weight = self.base_weight_oi()
         if self.alpha_vector is not None and bool((self.alpha_vector == 0).any()):
             raise ConfigError("cannot unmerge: some entries of the α vector are 0, so the base weight is lost.")
-        weight.sub_(self.delta_weight().to(weight.dtype))
+        self.fold_(self.lora_B * -self.scaling, self.lora_A)
         if self.alpha_vector is not None:
             a = self.alpha_vector.to(weight.dtype)
             weight.div_(a[:, None])

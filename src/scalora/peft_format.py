@@ -31,7 +31,7 @@ PREFIX = "base_model.model."
 ALPHA_VECTOR_KEY = "alpha_vector"
 
 
-def _factor_keys(name: str, embedding: bool) -> tuple[str, str]:
+def factor_keys(name: str, embedding: bool) -> tuple[str, str]:
     if embedding:
         return f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B"
     return f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
@@ -51,14 +51,25 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     layers = list(lora_layers(model))
     if any(layer.merged for _, layer in layers):
         raise ConfigError("the adapters are merged into the base weights; unmerge(model) before saving them.")
-    config = get_config(model)
+    fan_in_fan_out = bool(layers) and all(layer.fan_in_fan_out for _, layer in layers)
+    return write_adapter(folder, get_config(model), adapter_state_dict(model), model, fan_in_fan_out=fan_in_fan_out)
+
+
+def write_adapter(
+    folder: str | os.PathLike,
+    config: LoraConfig,
+    state: dict[str, torch.Tensor],
+    model: nn.Module,
+    *,
+    fan_in_fan_out: bool = False,
+) -> Path:
+    """Write `state` (PEFT key names) and `config` as a PEFT adapter of `model`'s class, atomically per file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = adapter_state_dict(model)
     config_dict = config.to_peft_dict()
-    config_dict["fan_in_fan_out"] = bool(layers) and all(layer.fan_in_fan_out for _, layer in layers)
-    config_dict["auto_mapping"] = {"base_model_class": type(model).__name__,
-                                   "parent_library": type(model).__module__}
+    config_dict["fan_in_fan_out"] = fan_in_fan_out
+    config_dict["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic_write(folder / CONFIG_NAME,
                   lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n"))
@@ -139,7 +150,7 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, has_layers: bool) -> 
         raise AdapterFileError(f"this adapter does not fit the model: {exc}") from None
     shapes: dict[str, tuple[int, ...]] = {}
     for item in plan:
-        key_a, key_b = _factor_keys(item.name, item.layer_cls is Embedding)
+        key_a, key_b = factor_keys(item.name, item.layer_cls is Embedding)
         shapes[key_a], shapes[key_b] = (item.r, item.in_features), (item.out_features, item.r)
         if config.alpha_vector:
             shapes[f"{PREFIX}{item.name}.{ALPHA_VECTOR_KEY}"] = (item.out_features,)
@@ -151,7 +162,7 @@ def _parameters_by_key(model: nn.Module) -> dict[str, torch.Tensor]:
     """The live parameters behind each key of the adapter file."""
     params: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
-        key_a, key_b = _factor_keys(name, isinstance(layer, Embedding))
+        key_a, key_b = factor_keys(name, isinstance(layer, Embedding))
         params[key_a], params[key_b] = layer.lora_A, layer.lora_B
         if layer.alpha_vector is not None:
             params[f"{PREFIX}{name}.{ALPHA_VECTOR_KEY}"] = layer.alpha_vector

@@ -1,0 +1,287 @@
+"""The ScaLoRA optimiser: function preservation, exact moment transfer, LoRA equivalence, rank growth, resume."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from tiny import tiny_gpt2, tiny_llama, token_batch
+from torch import nn
+
+from scalora import ConfigError, LoraConfig, apply_lora, lora_layers
+from scalora.optim import ScaLoRA
+from scalora.rank import effective_rank, export_lora, snapshot_base_weights, update_ranks
+from scalora.solver import solve_scales
+
+
+def _lora_llama(r: int = 4, seed: int = 0, **kwargs) -> nn.Module:
+    model = apply_lora(tiny_llama(seed), LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", **kwargs))
+    return model.train()
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 0) -> list[float]:
+    losses = []
+    for i in range(steps):
+        ids = token_batch(101, batch=4, length=12, seed=seed + i)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_outputs_unchanged_by_rescaling() -> None:
+    model = _lora_llama()
+    opt = ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2), interval=1000)
+    _train(model, opt, 5)
+    ids = token_batch(101, seed=99)
+    model(ids, labels=ids).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        before = model(ids).logits
+        factors = [(layer.lora_A.clone(), layer.lora_B.clone()) for _, layer in lora_layers(model)]
+        stats = opt.rescale()
+        after = model(ids).logits
+    assert stats.layers == 14 and stats.identity == 0.0
+    changed = sum(not torch.equal(a, layer.lora_A) for (a, _), (_, layer) in zip(factors, lora_layers(model),
+                                                                                 strict=True))
+    assert changed == 14, "every layer's factors must really have been rescaled"
+    assert (after - before).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-1, momentum=0.9),
+    ],
+    ids=["adamw", "adam-amsgrad", "sgd-momentum"],
+)
+def test_moment_transfer_is_exact(make_opt) -> None:
+    """After rescaling, the next update equals the one of an optimiser that saw the rescaled parameters and the
+    transformed gradients all along."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 3))
+    model = apply_lora(base, LoraConfig(r=3, target_modules=["0"], init_lora_weights=False))
+    layer = model[0]
+    opt = ScaLoRA(model, make_opt([layer.lora_A, layer.lora_B]), interval=1000)
+    history = []
+    for step in range(4):
+        x = torch.randn(16, 10, generator=torch.Generator().manual_seed(step))
+        model(x).square().mean().backward()
+        history.append((layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+        if step < 3:
+            opt.step()
+            opt.zero_grad()
+    scales = solve_scales(layer.lora_A, layer.lora_B, layer.lora_A.grad, layer.lora_B.grad, layer.scaling, opt.c)
+    alpha, beta = scales.alpha.float(), scales.beta.float()
+    assert not torch.allclose(alpha, torch.ones_like(alpha))
+    opt.rescale()
+    start = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+    opt.optimizer.step()
+    update = (layer.lora_A.detach() - start[0], layer.lora_B.detach() - start[1])
+
+    A2, B2 = nn.Parameter(start[0].clone()), nn.Parameter(start[1].clone())
+    opt2 = make_opt([A2, B2])
+    for g_a, g_b in history:
+        with torch.no_grad():
+            A2.copy_(start[0])
+            B2.copy_(start[1])
+        A2.grad, B2.grad = g_a * alpha[:, None], g_b * beta  # ∂ℓ/∂Ã = diag(α) g_A, ∂ℓ/∂B̃ = g_B diag(β)
+        opt2.step()
+    torch.testing.assert_close(A2.detach() - start[0], update[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(B2.detach() - start[1], update[1], rtol=1e-4, atol=1e-7)
+
+
+def test_without_rescaling_it_is_plain_lora_bit_for_bit() -> None:
+    lora, ours = _lora_llama(), _lora_llama()
+    ours.load_state_dict(lora.state_dict())
+    _train(lora, torch.optim.AdamW(lora.parameters(), lr=1e-2), 6)
+    _train(ours, ScaLoRA(ours, torch.optim.AdamW(ours.parameters(), lr=1e-2), interval=7), 6)
+    for (name, a), b in zip(lora.state_dict().items(), ours.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_accumulated_update_grows_beyond_r() -> None:
+    r = 2
+    results = {}
+    for method in ("lora", "scalora"):
+        model = _lora_llama(r=r, seed=1)
+        pretrained = snapshot_base_weights(model)
+        inner = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        opt = inner if method == "lora" else ScaLoRA(model, inner, interval=1)
+        losses = _train(model, opt, 150)
+        ranks = update_ranks(model, pretrained)
+        results[method] = (min(info.rank for info in ranks.values()), losses[-1])
+        if method == "lora":
+            assert max(info.rank for info in ranks.values()) <= r
+    assert results["scalora"][0] >= 4 * r, results  # every layer's update is well above rank r
+
+
+def test_state_dict_resume_is_identical(tmp_path) -> None:
+    def make():
+        model = _lora_llama(seed=2)
+        return model, ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2), interval=2)
+
+    ref_model, ref_opt = make()
+    _train(ref_model, ref_opt, 8)
+
+    model, opt = make()
+    _train(model, opt, 3)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    model2, opt2 = make()
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.num_steps == 3
+    _train(model2, opt2, 5, seed=3)
+    for (name, a), b in zip(ref_model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_lr_scheduler_and_grad_scaler() -> None:
+    model = _lora_llama()
+    opt = ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.5, total_iters=4)
+    reference = copy.deepcopy(model)
+    ref_opt = ScaLoRA(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2))
+    ref_sched = torch.optim.lr_scheduler.LinearLR(ref_opt, start_factor=1.0, end_factor=0.5, total_iters=4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for i in range(4):
+        ids = token_batch(101, seed=i)
+        scaler.scale(model(ids, labels=ids).loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        sched.step()
+        reference(ids, labels=ids).loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
+    assert opt.param_groups[0]["lr"] < 1e-2
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_gradients_never_reach_the_base() -> None:
+    model = _lora_llama()
+    opt = ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    _train(model, opt, 2)
+    ids = token_batch(101)
+    model(ids, labels=ids).loss.backward()
+    name, layer = next(iter(lora_layers(model)))
+    layer.lora_B.grad[0, 0] = float("nan")
+    base_before = layer.base_layer.weight.detach().clone()
+    stats = opt.rescale()
+    assert torch.equal(layer.base_layer.weight, base_before), name
+    assert stats.identity == pytest.approx(1 / 14) and opt.identity_total == 1
+    for _, other in list(lora_layers(model))[1:]:
+        assert torch.isfinite(other.base_layer.weight).all()
+
+
+def test_gradient_accumulation_counts_optimiser_steps() -> None:
+    model = _lora_llama()
+    opt = ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2), interval=2)
+    for step in range(3):
+        for micro in range(2):
+            ids = token_batch(101, seed=10 * step + micro)
+            (model(ids, labels=ids).loss / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.num_steps == 3 and opt.last_stats.step == 2
+
+
+def test_bad_arguments() -> None:
+    model = _lora_llama()
+    adamw = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ConfigError, match="interval must be a positive integer"):
+        ScaLoRA(model, adamw, interval=0)
+    with pytest.raises(ConfigError, match="c must be a positive number"):
+        ScaLoRA(model, adamw, c=-1.0)
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        ScaLoRA(model, adamw, mode="row")
+    with pytest.raises(ConfigError, match="no LoRA layers"):
+        ScaLoRA(tiny_llama(), torch.optim.AdamW(tiny_llama().parameters()))
+    with pytest.raises(ConfigError, match="does not update the LoRA factors"):
+        ScaLoRA(model, torch.optim.AdamW([next(p for n, p in model.named_parameters() if "lora_A" in n)]))
+    alpha = apply_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], alpha_vector=True))
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        ScaLoRA(alpha, torch.optim.AdamW(alpha.parameters()))
+    from transformers.optimization import Adafactor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adafactor = Adafactor(model.parameters(), lr=1e-3, relative_step=False)
+    with pytest.raises(ConfigError, match="Adafactor keeps optimiser state that cannot be rescaled exactly"):
+        ScaLoRA(model, adafactor)
+
+
+def test_bf16_base_uses_compensated_folds() -> None:
+    """Many folds far below a bf16 weight's rounding step: the naive sum stalls, the compensated one tracks the
+    exact sum to within the rounding of the result itself."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64)
+    model = apply_lora(nn.Sequential(nn.Linear(64, 64, bias=False)).to(torch.bfloat16),
+                       LoraConfig(r=4, target_modules=["0"]))
+    layer = model[0]
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(weight)
+    w0 = layer.base_layer.weight.detach().double()
+    ScaLoRA(model, torch.optim.AdamW(model.parameters()))  # enables the compensation buffer for bf16 bases
+    assert layer.base_compensation is not None and layer.base_compensation.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    B0, A0 = torch.randn(64, 4, generator=g), torch.randn(4, 64, generator=g)
+    naive, exact = layer.base_layer.weight.detach().clone(), w0.clone()
+    steps = 2000
+    for _ in range(steps):
+        B = (B0 + 0.5 * torch.randn(64, 4, generator=g)) / steps
+        layer.fold_(B, A0)
+        exact += B.double() @ A0.double()
+        naive = (naive.float() + B @ A0).to(torch.bfloat16)
+    scale = (exact - w0).norm()
+    floor = (exact.to(torch.bfloat16).double() - exact).norm() / scale  # rounding the exact result once
+    err_comp = (layer.base_layer.weight.double() - exact).norm() / scale
+    err_naive = (naive.double() - exact).norm() / scale
+    assert err_comp <= 1.5 * floor + 1e-3, (err_comp, floor)
+    assert err_naive > 10 * err_comp, (err_naive, err_comp)
+
+
+def test_effective_rank_of_known_matrices() -> None:
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(30, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 20, generator=g, dtype=torch.float64)
+    info = effective_rank(low)
+    assert info.rank == 5 and 1.0 < info.entropy_rank <= 5.0
+    assert effective_rank(torch.eye(8)).rank == 8 and effective_rank(torch.eye(8)).entropy_rank == pytest.approx(8)
+    assert effective_rank(torch.zeros(4, 4)).rank == 0
+
+
+def test_export_lora_loads_in_peft(tmp_path) -> None:
+    from peft import PeftModel
+
+    model = apply_lora(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn", "c_fc"]))
+    pretrained = snapshot_base_weights(model)
+    opt = ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    for i in range(30):
+        ids = token_batch(97, seed=i)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ranks = update_ranks(model, pretrained)
+    full_rank = max(info.rank for info in ranks.values())
+    assert full_rank > 2
+    report = export_lora(model, pretrained, rank=full_rank + 4, folder=tmp_path / "hi")
+    assert report.max_residual < 1e-3
+    low = export_lora(model, pretrained, rank=1, folder=tmp_path / "lo")
+    assert 0 < low.max_residual < 1
+    ids = token_batch(97, seed=123)
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = model(ids).logits
+        peft_model = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "hi").eval()
+        assert (peft_model(ids).logits - expected).abs().max() < 1e-3
