@@ -49,15 +49,24 @@ def scale_moments(state: dict, factor: torch.Tensor) -> None:
 
 @torch.no_grad()
 def prune_moments(state: dict, fraction: float) -> None:
-    """Zero the `fraction` smallest-magnitude entries of every moment (ReLoRA's optimiser reset)."""
-    for key in MOMENT_KEYS:
-        value = state.get(key)
-        if not isinstance(value, torch.Tensor) or value.numel() == 0:
-            continue
-        if fraction >= 1.0:
+    """Zero the `fraction` of entries with the smallest second moment (ReLoRA's optimiser reset).
+
+    One mask serves every moment of the parameter: with independent masks an entry could keep its first moment m
+    while losing its second v, and Adam's m / (√v + ε) would then explode.
+    """
+    moments = [state[key] for key in MOMENT_KEYS if isinstance(state.get(key), torch.Tensor)]
+    if not moments or moments[0].numel() == 0:
+        return
+    if fraction >= 1.0:
+        for value in moments:
             value.zero_()
-            continue
-        k = int(fraction * value.numel())
-        if k > 0:
-            threshold = value.abs().flatten().kthvalue(k).values
-            value.masked_fill_(value.abs() <= threshold, 0.0)
+        return
+    k = int(fraction * moments[0].numel())
+    if k == 0:
+        return
+    quadratic = [state[key] for key in _QUADRATIC if isinstance(state.get(key), torch.Tensor)]
+    magnitude = (quadratic[0] if quadratic else moments[0]).abs()
+    threshold = magnitude.flatten().kthvalue(k).values
+    drop = magnitude <= threshold
+    for value in moments:
+        value.masked_fill_(drop, 0.0)

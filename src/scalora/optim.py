@@ -14,8 +14,7 @@ With α = β = 1 this is exactly LoRA; over many steps the merged residuals add 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,9 +23,9 @@ from torch import nn
 
 from scalora.errors import ConfigError
 from scalora.layers import LoraLayer
-from scalora.model import lora_layers
 from scalora.moments import check_transformable, scale_moments
 from scalora.solver import COLUMN, IDENTITY, SCALAR, solve_scales
+from scalora.wrapper import OptimizerWrapper
 
 MODES = ("column", "scalar")
 
@@ -49,7 +48,7 @@ class ScalingStats:
         return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
 
 
-class ScaLoRA(torch.optim.Optimizer):
+class ScaLoRA(OptimizerWrapper):
     """ScaLoRA around an existing optimiser: ``ScaLoRA(model, torch.optim.AdamW(...), interval=1, c=1.0)``.
 
     Args:
@@ -79,85 +78,35 @@ class ScaLoRA(torch.optim.Optimizer):
         transfer_moments: bool = True,
         compensate: bool | None = None,
     ) -> None:
-        if isinstance(optimizer, ScaLoRA):
-            raise ConfigError("the optimiser is already wrapped in ScaLoRA.")
-        check_transformable(optimizer)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ConfigError(f"interval must be a positive integer, got {interval!r}.")
         if not (isinstance(c, (int, float)) and c > 0 and math.isfinite(c)):
             raise ConfigError(f"c must be a positive number, got {c!r}.")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
-        self.layers: list[tuple[str, LoraLayer]] = list(lora_layers(model))
-        if not self.layers:
-            raise ConfigError("the model has no LoRA layers: call scalora.apply_lora(model, config) first.")
+        super().__init__(model, optimizer)
+        check_transformable(optimizer)
         for name, layer in self.layers:
             if layer.alpha_vector is not None:
                 raise ConfigError(f"layer {name!r} has an α vector: ScaLoRA and α-LoRA cannot be combined.")
-        optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [name for name, layer in self.layers if id(layer.lora_A) not in optimised
-                   or id(layer.lora_B) not in optimised]
-        if missing:
-            raise ConfigError(f"the optimiser does not update the LoRA factors of {missing[0]!r}; build it over "
-                              f"model.parameters() (or every lora_A / lora_B).")
-        self.optimizer = optimizer
         self.interval = interval
         self.c = float(c)
         self.mode = mode
         self.transfer_moments = transfer_moments
-        self.num_steps = 0
         self.identity_total = 0
         self.last_stats = ScalingStats()
         for _, layer in self.layers:
             half = layer.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
             if compensate if compensate is not None else half:
                 layer.enable_compensation()
-        # torch.optim.Optimizer's bookkeeping (hooks, step profiling), without a second copy of the state.
-        self.__setstate__({})
-
-    # The wrapped optimiser owns the parameter groups, state and defaults.
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> defaultdict:  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
 
     def __repr__(self) -> str:
         return (f"ScaLoRA(interval={self.interval}, c={self.c}, mode={self.mode!r}, "
                 f"transfer_moments={self.transfer_moments}, optimizer={self.optimizer!r})")
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
-                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
-                     "_optimizer_load_state_dict_post_hooks"):
-            self.__dict__.setdefault(name, OrderedDict())
-        self._patch_step_function()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One optimiser step: (every `interval` steps) solve, merge, rescale; then the wrapped step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.num_steps += 1
+    def before_step(self) -> None:
         if self.num_steps % self.interval == 0:
             self.rescale()
-        self.optimizer.step()
-        return loss
 
     @torch.no_grad()
     def rescale(self) -> ScalingStats:
@@ -217,24 +166,11 @@ class ScaLoRA(torch.optim.Optimizer):
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimiser's state plus ScaLoRA's step counter (compensation buffers live in the model)."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scalora": {"num_steps": self.num_steps, "identity_total": self.identity_total,
-                        "interval": self.interval, "c": self.c, "mode": self.mode,
-                        "transfer_moments": self.transfer_moments},
-        }
+    def settings(self) -> dict[str, Any]:
+        return {"interval": self.interval, "c": self.c, "mode": self.mode, "transfer_moments": self.transfer_moments}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        if "scalora" not in state_dict or "optimizer" not in state_dict:
-            raise ConfigError("this is not a ScaLoRA optimiser state (expected keys 'optimizer' and 'scalora').")
-        ours = state_dict["scalora"]
-        settings = {"interval": self.interval, "c": self.c, "mode": self.mode,
-                    "transfer_moments": self.transfer_moments}
-        for key, value in settings.items():
-            if key in ours and ours[key] != value:
-                raise ConfigError(f"the saved ScaLoRA state has {key}={ours[key]!r} but this optimiser has {value!r}.")
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.num_steps = int(ours["num_steps"])
-        self.identity_total = int(ours.get("identity_total", 0))
+    def extra_state(self) -> dict[str, Any]:
+        return {"identity_total": self.identity_total}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.identity_total = int(state.get("identity_total", 0))
