@@ -1,0 +1,119 @@
+"""Training checkpoints: written whole or not at all, resumed only into the same configuration.
+
+A checkpoint is a folder ``<output_dir>/checkpoint`` with ``model.safetensors`` (the weights that change while
+training), ``training_state.pt`` (optimiser, schedules, random generators, step) and ``trainer_state.json``
+(step and the configuration, readable). It is written to a temporary folder and swapped in with renames; if a
+write fails or is interrupted the previous checkpoint stays where it was, intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from scalora.errors import ScaloraError
+from scalora.train.config import TrainConfig
+
+NAME = "checkpoint"
+_OLD = "checkpoint.old"
+
+
+class CheckpointError(ScaloraError):
+    """A checkpoint is missing, unreadable, or belongs to another configuration."""
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    model: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def mutable_state(model: nn.Module, include_frozen: bool) -> dict[str, torch.Tensor]:
+    """The model tensors a checkpoint needs: trainable ones, and every tensor if the frozen weights change too."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: t.detach().contiguous() for name, t in model.state_dict().items()
+            if include_frozen or name in trainable or name.endswith(".base_compensation")}
+
+
+def find(output_dir: Path) -> Path | None:
+    """The checkpoint folder of a run; after a crash between the two renames of a save, the previous one."""
+    for name in (NAME, _OLD):
+        folder = output_dir / name
+        if (folder / "trainer_state.json").is_file():
+            return folder
+    return None
+
+
+def save(output_dir: Path, cfg: TrainConfig, step: int, model_state: dict[str, torch.Tensor],
+         state: dict[str, Any]) -> Path:
+    """Write a checkpoint for `step`; the previous one is replaced only once this one is complete."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=output_dir))
+    try:
+        save_file({k: v.cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+        torch.save(state, tmp / "training_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"step": step, "fingerprint": cfg.fingerprint(), "config": cfg.identity()}, indent=2, sort_keys=True))
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        return replace_dir(tmp, output_dir / NAME)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> Path:
+    """Put the complete folder `tmp` at `final`: the old one is moved aside first and removed only afterwards,
+    so at every moment one whole version exists (`find` looks at the moved-aside name too)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(output_dir: Path, cfg: TrainConfig) -> Checkpoint:
+    """Read the run's checkpoint, refusing one written under a different configuration."""
+    folder = find(output_dir)
+    if folder is None:
+        raise CheckpointError(f"no checkpoint to resume in {output_dir}; drop --resume to start a new run.")
+    try:
+        meta = json.loads((folder / "trainer_state.json").read_text())
+        model = load_file(folder / "model.safetensors")
+        state = torch.load(folder / "training_state.pt", weights_only=False)
+    except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"the checkpoint in {folder} cannot be read ({exc}).") from None
+    if meta.get("fingerprint") != cfg.fingerprint():
+        saved = meta.get("config", {})
+        ours = cfg.identity()
+        diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {ours.get(k)!r}"
+                for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+        raise CheckpointError(
+            f"the checkpoint in {folder} was written by a run with a different configuration "
+            f"({'; '.join(diff) or 'unknown fields'}). Resume with the same options, or use another --output-dir."
+        )
+    return Checkpoint(int(meta["step"]), model, state)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])

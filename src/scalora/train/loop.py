@@ -1,0 +1,306 @@
+"""The training loop: one run of one method on one task, with logs, evaluation, checkpoints and a result.
+
+Everything that decides the computation (data order, initialisation, dropout) comes from the seed and the step
+number, and the random generators are saved in each checkpoint, so a resumed run ends with the same weights as
+one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from scalora.errors import ConfigError, ScaloraError
+from scalora.model import lora_layers, merge, trainable_parameters
+from scalora.optim import ScaLoRA
+from scalora.peft_format import save_adapter
+from scalora.rank import effective_rank, effective_weight, export_lora, snapshot_base_weights
+from scalora.train import checkpoint
+from scalora.train.config import TrainConfig
+from scalora.train.methods import MERGING, adapt, build, tracked_layers
+from scalora.train.models import load_model
+from scalora.train.tasks import Task, load_task
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+class TrainingError(ScaloraError):
+    """Training cannot go on (e.g. the loss became NaN)."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    summary: dict[str, Any]
+
+
+class BatchOrder:
+    """Micro-batch k holds examples [k·b, (k+1)·b) of an endless stream of seeded per-epoch permutations."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def __call__(self, k: int) -> list[int]:
+        start = k * self.batch_size
+        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+
+
+def _weight_oi(model: nn.Module, name: str, fan_in_fan_out: bool) -> torch.Tensor:
+    module = model.get_submodule(name)
+    if hasattr(module, "lora_A"):
+        return effective_weight(module)
+    weight = module.weight.detach().double()
+    return weight.t() if fan_in_fan_out else weight
+
+
+class RankTracker:
+    """Effective rank of the accumulated update W − W_pretrained on a few layers, for any method."""
+
+    def __init__(self, model: nn.Module, layers: list[tuple[str, bool]]) -> None:
+        self.layers = layers
+        self.start = {name: _weight_oi(model, name, fi).clone() for name, fi in layers}
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        if not self.layers:
+            return {}
+        infos = [effective_rank(_weight_oi(model, name, fi) - self.start[name]) for name, fi in self.layers]
+        return {"rank/mean": statistics.fmean(i.rank for i in infos),
+                "rank/max": float(max(i.rank for i in infos)),
+                "rank/entropy_mean": statistics.fmean(i.entropy_rank for i in infos)}
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line), plus TensorBoard when it is installed."""
+
+    def __init__(self, output_dir: Path, keep_until: int | None, tensorboard: bool) -> None:
+        self.path = output_dir / METRICS
+        rows = []
+        if keep_until is not None and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r.get("step", 0) <= keep_until]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.rows = rows
+        self.writer = None
+        if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _prepare_output(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    existing = checkpoint.find(out)
+    if existing is not None and not cfg.resume:
+        if not cfg.overwrite:
+            raise ScaloraError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
+                               f"over, or choose another --output-dir.")
+        for name in (checkpoint.NAME, checkpoint.NAME + ".old", METRICS, SUMMARY):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _split_holdout(cfg: TrainConfig, task: Task) -> tuple[list[dict], list[dict]]:
+    """α-LoRA trains its vectors on a held-out slice of the training data (the last `alpha_holdout` examples)."""
+    if cfg.method != "alpha-lora":
+        return task.train, []
+    if len(task.train) < cfg.alpha_holdout + cfg.batch_size:
+        raise ConfigError(f"alpha-lora holds out {cfg.alpha_holdout} training examples for its α vectors, but the "
+                          f"task has only {len(task.train)}; lower --alpha-holdout or use more data.")
+    return task.train[: -cfg.alpha_holdout], task.train[-cfg.alpha_holdout:]
+
+
+def _save_result(cfg: TrainConfig, out: Path, model: nn.Module, tokenizer: Any,
+                 pretrained: dict[str, torch.Tensor] | None) -> dict[str, str]:
+    """Adapter (lora, rslora, alpha-lora) or merged model (full, scalora*, relora), plus the rank-k export."""
+    saved: dict[str, str] = {}
+    if pretrained is not None and cfg.export_rank is not None:
+        report = export_lora(model, pretrained, cfg.export_rank, out / f"adapter-rank{cfg.export_rank}",
+                             base_model_name_or_path=cfg.model)
+        saved["export"] = str(report.folder)
+        saved["export_max_residual"] = f"{report.max_residual:.4g}"
+    if cfg.method in ("lora", "rslora", "alpha-lora"):
+        saved["adapter"] = str(save_adapter(model, out / "adapter"))
+        return saved
+    plain = merge(model) if any(True for _ in lora_layers(model)) else model
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        saved["model"] = str(checkpoint.replace_dir(tmp, out / "model"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return saved
+
+
+def _evaluate(cfg: TrainConfig, task: Task, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+    with torch.random.fork_rng():  # evaluation must not move the training's random stream
+        result = task.evaluate(model, tokenizer, max_length=cfg.max_length, batch_size=cfg.eval_batch_size,
+                               limit=cfg.eval_limit)
+    return {f"eval/{k}": float(v) for k, v in result.items()}
+
+
+def train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Forward and backward over the micro-batches of one optimiser step; returns the mean loss."""
+    total = 0.0
+    for batch in batches:
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise TrainingError("the loss became NaN or infinite; lower --lr (or --scalora-c for ScaLoRA) and "
+                                "resume from the last checkpoint with --resume.")
+        (loss / len(batches)).backward()
+        total += float(loss.detach())
+    return total / len(batches)
+
+
+def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
+    """Run `cfg` to its last step (resuming its checkpoint with ``cfg.resume``) and write its results."""
+    if cfg.export_rank is not None and cfg.method == "full":
+        raise ConfigError("--export-rank needs an adapter method (it compresses the update of the adapted layers).")
+    out = _prepare_output(cfg)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    task = load_task(cfg.task, train_file=cfg.train_file, eval_file=cfg.eval_file, train_size=cfg.train_size,
+                     eval_size=cfg.eval_size, seed=cfg.seed)
+    model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels)
+    train_examples, holdout = _split_holdout(cfg, task)
+    tracker = RankTracker(model, tracked_layers(cfg, model))
+    adapt(cfg, model)
+    pretrained = snapshot_base_weights(model) if cfg.export_rank is not None else None
+    setup = build(cfg, model)
+    trainable, total = trainable_parameters(model)
+    log(f"{task.summary()}")
+    log(f"{cfg.method}: trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
+
+    start, elapsed = 0, 0.0
+    if cfg.resume:
+        ckpt = checkpoint.load(out, cfg)
+        unexpected = set(ckpt.model) - set(model.state_dict())
+        if unexpected:
+            raise checkpoint.CheckpointError(f"the checkpoint has weights this model lacks: {sorted(unexpected)[0]!r}.")
+        model.load_state_dict(ckpt.model, strict=False)
+        setup.optimizer.load_state_dict(ckpt.state["optimizer"])
+        setup.scheduler.load_state_dict(ckpt.state["scheduler"])
+        if setup.alpha is not None:
+            setup.alpha.load_state_dict(ckpt.state["alpha"])
+        checkpoint.set_rng_state(ckpt.state["rng"])
+        start, elapsed = ckpt.step, float(ckpt.state.get("elapsed", 0.0))
+        log(f"resumed from step {start}")
+    metrics = MetricsLog(out, keep_until=start if cfg.resume else None, tensorboard=cfg.tensorboard)
+
+    collate = task.collate(tokenizer, cfg.max_length)
+    order = BatchOrder(len(train_examples), cfg.batch_size, cfg.seed)
+    holdout_order = BatchOrder(len(holdout), min(cfg.batch_size, len(holdout)), cfg.seed + 1) if holdout else None
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    step_times: list[float] = []
+    last_eval: dict[str, float] = {}
+
+    def save_checkpoint(step: int) -> None:
+        state = {"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
+                 "rng": checkpoint.rng_state(), "elapsed": elapsed}
+        if setup.alpha is not None:
+            state["alpha"] = setup.alpha.state_dict()
+        checkpoint.save(out, cfg, step, checkpoint.mutable_state(model, cfg.method in MERGING or cfg.method == "full"),
+                        state)
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            ks = range((step - 1) * cfg.grad_accum, step * cfg.grad_accum)
+            batches = [collate([train_examples[i] for i in order(k)]) for k in ks]
+            loss = train_step(model, batches)
+            grad_norm = float("nan")
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm))
+            lr = setup.scheduler.get_last_lr()[0]
+            setup.optimizer.step()
+            setup.scheduler.step()
+            setup.optimizer.zero_grad(set_to_none=True)
+            row: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+            if setup.alpha is not None:
+                held = collate([holdout[i] for i in holdout_order(step // cfg.alpha_every)])
+                alpha_loss = setup.alpha.step(step, lambda held=held: model(**held).loss)
+                if alpha_loss is not None:
+                    row["alpha/heldout_loss"] = alpha_loss
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            step_times.append(dt)
+            row["step_time"] = dt
+            row["examples_per_s"] = cfg.batch_size * cfg.grad_accum / dt
+            if isinstance(setup.optimizer, ScaLoRA) and setup.optimizer.last_stats.step == step:
+                row.update(setup.optimizer.last_stats.as_dict())
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                last_eval = _evaluate(cfg, task, model, tokenizer)
+                row.update(last_eval)
+                row.update(tracker.measure(model))
+                model.train()
+            if step % cfg.log_every == 0 or len(row) > 6:
+                metrics.write(row)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{row['examples_per_s']:.1f}")
+            bar.update(1)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                save_checkpoint(step)
+    finally:
+        bar.close()
+        metrics.close()
+
+    if start == cfg.steps:  # nothing left to run: evaluate the resumed weights for the report
+        last_eval = _evaluate(cfg, task, model, tokenizer)
+    rank = tracker.measure(model)
+    saved = _save_result(cfg, out, model, tokenizer, pretrained)
+    losses = [r["loss"] for r in metrics.rows if "loss" in r]
+    timed = step_times[2:] if len(step_times) > 4 else step_times
+    summary = {
+        "method": cfg.method, "model": cfg.model, "task": task.name, "steps": cfg.steps, "seed": cfg.seed,
+        "metric": task.metric, "eval": last_eval.get(f"eval/{task.metric}", math.nan),
+        "final_train_loss": statistics.fmean(losses[-10:]) if losses else math.nan,
+        "wall_time_s": elapsed, "median_step_s": statistics.median(timed) if timed else math.nan,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable_params": trainable, "total_params": total, **rank, "saved": saved, "config": cfg.to_dict(),
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    log(f"{cfg.method}: {task.metric} {summary['eval']:.4f}, final train loss {summary['final_train_loss']:.4f}, "
+        f"{elapsed:.1f} s; results in {out}")
+    return RunResult(out, summary)
