@@ -1,5 +1,6 @@
 """scalora: low-rank adapters whose scaling is principled (LoRA, rsLoRA, α-LoRA, ScaLoRA)."""
 
+from scalora.alpha_lora import AlphaScheduler, adapter_parameters
 from scalora.config import LoraConfig, lora_scaling
 from scalora.errors import AdapterFileError, ConfigError, ScaloraError
 from scalora.layers import LoraLayer
@@ -13,13 +14,24 @@ from scalora.model import (
     trainable_parameters,
     unmerge,
 )
+from scalora.optim import ScaLoRA
 from scalora.peft_format import load_adapter, save_adapter
+from scalora.rank import effective_rank, export_lora, snapshot_base_weights, update_ranks
+from scalora.relora import ReLoRA
 
 get_peft_model = apply_lora  # the name PEFT users reach for first
 merge_and_unload = merge
 
 __all__ = [
     "AdapterFileError",
+    "AlphaScheduler",
+    "ReLoRA",
+    "ScaLoRA",
+    "adapter_parameters",
+    "effective_rank",
+    "export_lora",
+    "snapshot_base_weights",
+    "update_ranks",
     "ConfigError",
     "LoraConfig",
     "LoraLayer",
