@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from scalora.train.config import TrainConfig
 
 NAME = "checkpoint"
 _OLD = "checkpoint.old"
+TMP_PREFIX = ".checkpoint-"  # checkpoints being written (left behind only by a killed process)
 
 
 class CheckpointError(ScaloraError):
@@ -41,10 +43,24 @@ class Checkpoint:
 
 
 def mutable_state(model: nn.Module, include_frozen: bool) -> dict[str, torch.Tensor]:
-    """The model tensors a checkpoint needs: trainable ones, and every tensor if the frozen weights change too."""
+    """The model tensors a checkpoint needs: trainable ones, and every tensor if the frozen weights change too.
+
+    α-LoRA's vectors are kept although they are frozen between their own steps. Tied tensors (GPT-2's input and
+    output embeddings) are stored once, under their first name: safetensors refuses shared storage, and loading
+    one name restores both.
+    """
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {name: t.detach().contiguous() for name, t in model.state_dict().items()
-            if include_frozen or name in trainable or name.endswith(".base_compensation")}
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
+    for name, t in model.state_dict().items():
+        if not (include_frozen or name in trainable or name.endswith((".base_compensation", ".alpha_vector"))):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out
 
 
 def find(output_dir: Path) -> Path | None:
@@ -60,8 +76,9 @@ def save(output_dir: Path, cfg: TrainConfig, step: int, model_state: dict[str, t
          state: dict[str, Any]) -> Path:
     """Write a checkpoint for `step`; the previous one is replaced only once this one is complete."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=output_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=output_dir))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should be as readable as the run's other files
         save_file({k: v.cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
         torch.save(state, tmp / "training_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(
@@ -78,10 +95,11 @@ def replace_dir(tmp: Path, final: Path) -> Path:
     """Put the complete folder `tmp` at `final`: the old one is moved aside first and removed only afterwards,
     so at every moment one whole version exists (`find` looks at the moved-aside name too)."""
     old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final, old)
+    # without `final`, `old` may be the only whole version (a save failed between the renames): keep it until now
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
@@ -96,7 +114,9 @@ def load(output_dir: Path, cfg: TrainConfig) -> Checkpoint:
         meta = json.loads((folder / "trainer_state.json").read_text())
         model = load_file(folder / "model.safetensors")
         state = torch.load(folder / "training_state.pt", weights_only=False)
-    except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, EOFError) as exc:
+        step = int(meta["step"])
+    except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError,
+            KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the checkpoint in {folder} cannot be read ({exc}).") from None
     if meta.get("fingerprint") != cfg.fingerprint():
         saved = meta.get("config", {})
@@ -107,7 +127,7 @@ def load(output_dir: Path, cfg: TrainConfig) -> Checkpoint:
             f"the checkpoint in {folder} was written by a run with a different configuration "
             f"({'; '.join(diff) or 'unknown fields'}). Resume with the same options, or use another --output-dir."
         )
-    return Checkpoint(int(meta["step"]), model, state)
+    return Checkpoint(step, model, state)
 
 
 def rng_state() -> dict[str, Any]:

@@ -47,6 +47,7 @@ class TrainConfig:
     scalora_c: float = 1.0
     scalora_interval: int | None = None  # 1 for scalora, 10 for scalora-i
     scalora_mode: str = "column"
+    scalora_transfer_moments: bool = True
     alpha_lr: float = 5e-3
     alpha_every: int = 10
     alpha_holdout: int = 256

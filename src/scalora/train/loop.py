@@ -130,12 +130,17 @@ def _prepare_output(cfg: TrainConfig) -> Path:
         if not cfg.overwrite:
             raise ScaloraError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
                                f"over, or choose another --output-dir.")
-        for name in (checkpoint.NAME, checkpoint.NAME + ".old", METRICS, SUMMARY):
-            target = out / name
+        # everything the old run wrote, so no stale result (model/ beside a new adapter/) or log survives
+        old_outputs = [out / name for name in (checkpoint.NAME, checkpoint.NAME + ".old", METRICS, SUMMARY, "model",
+                                               "adapter", "tensorboard")]
+        for target in old_outputs + sorted(out.glob("adapter-rank*")):
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+    if out.is_dir():  # folders a killed process was writing (a checkpoint, the result model) are incomplete
+        for stale in [*out.glob(checkpoint.TMP_PREFIX + "*"), *out.glob(".model-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -165,6 +170,7 @@ def _save_result(cfg: TrainConfig, out: Path, model: nn.Module, tokenizer: Any,
     plain = merge(model) if any(True for _ in lora_layers(model)) else model
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         saved["model"] = str(checkpoint.replace_dir(tmp, out / "model"))
@@ -203,6 +209,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
     task = load_task(cfg.task, train_file=cfg.train_file, eval_file=cfg.eval_file, train_size=cfg.train_size,
                      eval_size=cfg.eval_size, seed=cfg.seed)
     model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels)
+    if task.kind == "classification" and task.label_names:  # so the saved model names its predictions
+        model.config.id2label = dict(enumerate(task.label_names))
+        model.config.label2id = {name: i for i, name in enumerate(task.label_names)}
     train_examples, holdout = _split_holdout(cfg, task)
     tracker = RankTracker(model, tracked_layers(cfg, model))
     adapt(cfg, model)
@@ -218,6 +227,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
         unexpected = set(ckpt.model) - set(model.state_dict())
         if unexpected:
             raise checkpoint.CheckpointError(f"the checkpoint has weights this model lacks: {sorted(unexpected)[0]!r}.")
+        missing = set(checkpoint.mutable_state(model, cfg.method in MERGING or cfg.method == "full")) - set(ckpt.model)
+        if missing:
+            raise checkpoint.CheckpointError(f"the checkpoint lacks weights this run trains: {sorted(missing)[0]!r} "
+                                             f"({len(missing)} in all); it cannot be resumed exactly.")
         model.load_state_dict(ckpt.model, strict=False)
         setup.optimizer.load_state_dict(ckpt.state["optimizer"])
         setup.scheduler.load_state_dict(ckpt.state["scheduler"])
@@ -240,8 +253,13 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
                  "rng": checkpoint.rng_state(), "elapsed": elapsed}
         if setup.alpha is not None:
             state["alpha"] = setup.alpha.state_dict()
-        checkpoint.save(out, cfg, step, checkpoint.mutable_state(model, cfg.method in MERGING or cfg.method == "full"),
-                        state)
+        tensors = checkpoint.mutable_state(model, cfg.method in MERGING or cfg.method == "full")
+        bad = next((name for name, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())),
+                   None)
+        if bad is not None:  # keep the last good checkpoint rather than one that cannot be resumed
+            raise TrainingError(f"{bad} became NaN or infinite by step {step}; lower --lr (or --scalora-c for "
+                                f"ScaLoRA) and resume from the last checkpoint with --resume.")
+        checkpoint.save(out, cfg, step, tensors, state)
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
@@ -254,6 +272,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
             grad_norm = float("nan")
             if cfg.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm))
+                if not math.isfinite(grad_norm):  # clipping would turn the weights into NaN
+                    raise TrainingError(f"the gradient became NaN or infinite at step {step}; lower --lr (or "
+                                        f"--scalora-c for ScaLoRA) and resume from the last checkpoint with --resume.")
             lr = setup.scheduler.get_last_lr()[0]
             setup.optimizer.step()
             setup.scheduler.step()
@@ -294,7 +315,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
     timed = step_times[2:] if len(step_times) > 4 else step_times
     summary = {
         "method": cfg.method, "model": cfg.model, "task": task.name, "steps": cfg.steps, "seed": cfg.seed,
-        "metric": task.metric, "eval": last_eval.get(f"eval/{task.metric}", math.nan),
+        "metric": task.metric, "eval": last_eval.get(f"eval/{task.metric}", math.nan), "label_names": task.label_names,
         "final_train_loss": statistics.fmean(losses[-10:]) if losses else math.nan,
         "wall_time_s": elapsed, "median_step_s": statistics.median(timed) if timed else math.nan,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -1,0 +1,520 @@
+"""Comparing methods: each (method, seed) trains in its own ``scalora train`` subprocess, then one report.
+
+Running every method in a fresh process makes its peak memory its own and keeps one failing method from taking
+the others down; the failure is reported in the table with its error line. The report is
+``comparison.md`` (a markdown table), ``comparison.json`` (every number) and three PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from scalora.errors import ConfigError, ScaloraError
+from scalora.train import checkpoint, report
+from scalora.train.config import METHODS, TrainConfig
+from scalora.train.loop import METRICS
+
+__all__ = [
+    "Comparison",
+    "Job",
+    "Outcome",
+    "config_from_values",
+    "option_flag",
+    "plan_jobs",
+    "run_comparison",
+    "to_argv",
+    "write_report",
+]
+
+MARKDOWN = "comparison.md"
+JSON = "comparison.json"
+PLOTS = {"train_loss": "train_loss.png", "eval_metric": "eval_metric.png", "effective_rank": "effective_rank.png"}
+LOG = "train.log"
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field: ``batch_size`` → ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def to_argv(values: dict[str, Any]) -> list[str]:
+    """``scalora train`` arguments that reproduce the TrainConfig field values ``values``."""
+    argv: list[str] = []
+    for name, value in values.items():
+        if isinstance(_FIELD_DEFAULTS.get(name), bool) or isinstance(value, bool):
+            argv.append(option_flag(name) if value else "--no-" + name.replace("_", "-"))
+        elif value is None:
+            argv += [option_flag(name), "none"]
+        elif isinstance(value, (list, tuple)):
+            argv += [option_flag(name), ",".join(str(v) for v in value)]
+        else:
+            argv += [option_flag(name), str(value)]
+    return argv
+
+
+def config_from_values(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from field values given on the command line: data files replace the default task."""
+    values = dict(values)
+    if values.get("train_file") is not None or values.get("eval_file") is not None:
+        values.setdefault("task", None)
+    return TrainConfig(**values)
+
+
+@dataclass
+class Job:
+    """One training run of a comparison."""
+
+    method: str
+    seed: int
+    output_dir: Path
+    values: dict[str, Any]  # TrainConfig fields passed to `scalora train`
+    config: TrainConfig
+
+    @property
+    def label(self) -> str:
+        return self.method if self.output_dir.name == self.method else f"{self.method} (seed {self.seed})"
+
+    def command(self, *, resume: bool = False, verbose: bool = False) -> list[str]:
+        """``python -m scalora train ...`` for this job."""
+        cmd = [sys.executable, "-m", "scalora", "train", *to_argv(dict(self.values, resume=resume))]
+        return [*cmd, "--verbose"] if verbose else cmd
+
+
+@dataclass
+class Outcome:
+    """How one job ended: ``ok`` (this time), ``reused`` (finished earlier), ``failed`` or ``interrupted``."""
+
+    job: Job
+    status: str
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+    returncode: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "reused") and self.summary is not None
+
+
+@dataclass
+class Comparison:
+    """The outcomes of every job and the files of the report."""
+
+    output_dir: Path
+    outcomes: list[Outcome]
+    table: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    """``"a,b, c"`` → ``["a", "b", "c"]``; empty items and duplicates are an error."""
+    items = [s.strip() for s in text.split(",")]
+    if not text.strip() or any(not s for s in items):
+        raise ConfigError(f"{what}: expected a comma-separated list, got {text!r}.")
+    dup = sorted({s for s in items if items.count(s) > 1})
+    if dup:
+        raise ConfigError(f"{what}: {', '.join(dup)} given more than once.")
+    return items
+
+
+def plan_jobs(methods: Sequence[str], seeds: Sequence[int], values: dict[str, Any], output_dir: Path,
+              *, resume: bool = False, overwrite: bool = False) -> list[Job]:
+    """One job per (method, seed), validated now so that a bad option fails before anything runs.
+
+    Runs go to ``output_dir/<method>`` (``output_dir/<method>/seed<k>`` with several seeds).
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}.")
+    if not methods:
+        raise ConfigError("give at least one method to compare.")
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them.")
+    jobs = []
+    for method in methods:
+        for seed in seeds:
+            out = output_dir / method if len(seeds) == 1 else output_dir / method / f"seed{seed}"
+            job_values = {**values, "method": method, "seed": seed, "output_dir": str(out), "progress": False,
+                          "resume": False, "overwrite": overwrite}
+            jobs.append(Job(method, seed, out, job_values, config_from_values(job_values)))
+    if not resume and not overwrite:
+        taken = [j.output_dir for j in jobs if checkpoint.find(j.output_dir) is not None]
+        if taken:
+            raise ScaloraError(f"{taken[0]} already holds a run; pass --resume to continue (finished runs are kept) "
+                               f"or --overwrite to start over, or choose another --output-dir.")
+    return jobs
+
+
+def _finished(job: Job) -> dict[str, Any] | None:
+    """The summary of an earlier run of exactly this job's computation, if one finished."""
+    summary = report.read_summary(job.output_dir)
+    if summary is None or not isinstance(summary.get("config"), dict):
+        return None
+    try:
+        earlier = TrainConfig.from_dict(summary["config"])
+    except (ScaloraError, TypeError):
+        return None
+    return summary if earlier.identity() == job.config.identity() else None
+
+
+def error_line(log: str, returncode: int) -> str:
+    """The line that says why a run failed: its ``error:`` line, else the exception of a traceback."""
+    lines = [line.strip() for line in log.replace("\r", "\n").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line.removeprefix("error:").strip()
+    if any(line.startswith("Traceback") for line in lines):
+        return lines[-1]
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {returncode}" + (f": {lines[-1]}" if lines else "")
+
+
+class _Progress:
+    """Shows a running job: a tqdm bar on a terminal, otherwise a line per evaluation (and every minute)."""
+
+    def __init__(self, job: Job, bar: bool, log: Callable[[str], None]) -> None:
+        self.job, self.log, self.step = job, log, 0
+        self.started = time.time()
+        self.metric_key: str | None = None
+        self.last_row: dict[str, Any] | None = None
+        self.last_line = time.monotonic()
+        self.bar = None
+        if bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=job.config.steps, desc=job.label, dynamic_ncols=True, leave=True)
+
+    def update(self) -> None:
+        path = self.job.output_dir / METRICS
+        try:
+            fresh = path.stat().st_mtime >= self.started - 1.0  # not the file of an earlier run being replaced
+        except OSError:
+            fresh = False
+        rows = [r for r in report.read_metrics(self.job.output_dir) if r.get("step", 0) > self.step] if fresh else []
+        total = self.job.config.steps
+        evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+        for row in evals:
+            self.metric_key = next(k for k in row if k.startswith("eval/"))
+        if rows and self.bar is not None:
+            self.bar.update(rows[-1]["step"] - self.step)
+            post = {"loss": f"{rows[-1].get('loss', math.nan):.4f}"}
+            if self.metric_key and evals:
+                post[self.metric_key.removeprefix("eval/")] = f"{evals[-1][self.metric_key]:.4f}"
+            self.bar.set_postfix(post)
+        elif self.bar is None:
+            for row in evals:
+                self.log(f"  {self.job.label}: step {row['step']}/{total}, loss {row['loss']:.4f}, "
+                         f"{self.metric_key.removeprefix('eval/')} {row[self.metric_key]:.4f}")
+                self.last_line = time.monotonic()
+        if rows:
+            self.last_row = rows[-1]
+            self.step = rows[-1]["step"]
+        if self.bar is None and time.monotonic() - self.last_line > 60:  # a sign of life between evaluations
+            if self.last_row is None:
+                self.log(f"  {self.job.label}: loading the model and data")
+            else:
+                loss = self.last_row.get("loss", math.nan)
+                self.log(f"  {self.job.label}: step {self.step}/{total}, loss {loss:.4f}")
+            self.last_line = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_job(job: Job, *, resume: bool, progress: bool, verbose: bool, log: Callable[[str], None]) -> Outcome:
+    """Train one job in a subprocess, its output kept in ``<run>/train.log``; Ctrl-C stops it and propagates."""
+    cmd = job.command(resume=resume and checkpoint.find(job.output_dir) is not None, verbose=verbose)
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = job.output_dir / LOG
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    shown = _Progress(job, progress, log)
+    start = time.monotonic()
+    with open(log_path, "w") as log_file:
+        log_file.write("$ " + shlex.join(cmd) + "\n")
+        log_file.flush()
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        echoed = log_path.stat().st_size
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                shown.update()
+                if verbose:
+                    echoed = _echo(log_path, echoed)
+        except KeyboardInterrupt:
+            _stop(proc)
+            shown.close()
+            raise
+        finally:
+            if proc.poll() is None:
+                _stop(proc)
+    shown.update()
+    shown.close()
+    if verbose:
+        _echo(log_path, echoed)
+    seconds = time.monotonic() - start
+    text = log_path.read_text(errors="replace")
+    summary = report.read_summary(job.output_dir)
+    if proc.returncode == 0 and summary is not None:
+        return Outcome(job, "ok", summary, returncode=0, seconds=seconds)
+    status = "interrupted" if proc.returncode in (130, -signal.SIGINT) else "failed"
+    return Outcome(job, status, None, error_line(text, proc.returncode), proc.returncode, seconds)
+
+
+def _echo(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    if chunk:
+        sys.stderr.write(chunk.decode(errors="replace"))
+        sys.stderr.flush()
+    return offset + len(chunk)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask a run to stop as Ctrl-C would (it then keeps its last checkpoint); kill it if it does not."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_comparison(jobs: Sequence[Job], output_dir: Path, *, resume: bool = False, progress: bool = False,
+                   verbose: bool = False, log: Callable[[str], None] = print,
+                   command: str | None = None) -> Comparison:
+    """Run every job (one subprocess each, one after another), then write the report into ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    outcomes: list[Outcome] = []
+    for i, job in enumerate(jobs, start=1):
+        if resume:
+            summary = _finished(job)
+            if summary is not None:
+                log(f"[{i}/{len(jobs)}] {job.label}: already finished in {job.output_dir}, reusing it")
+                outcomes.append(Outcome(job, "reused", summary, returncode=0))
+                continue
+        log(f"[{i}/{len(jobs)}] {job.label}: training {job.config.steps} steps in {job.output_dir}")
+        outcome = _run_job(job, resume=resume, progress=progress, verbose=verbose, log=log)
+        outcomes.append(outcome)
+        if outcome.ok and outcome.summary is not None:
+            s = outcome.summary
+            log(f"  {job.label}: {s.get('metric')} {s.get('eval', math.nan):.4f}, final train loss "
+                f"{s.get('final_train_loss', math.nan):.4f}, {outcome.seconds:.0f} s")
+        else:
+            log(f"  {job.label}: {outcome.status}: {outcome.error} (log: {job.output_dir / LOG})")
+            if outcome.status == "interrupted":
+                raise KeyboardInterrupt
+    comparison = Comparison(output_dir, outcomes)
+    write_report(comparison, command=command)
+    return comparison
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report.
+
+_COLUMNS = (  # (summary key, header, digits, unit)
+    ("eval", None, 4, ""),
+    ("final_train_loss", "final train loss", 4, ""),
+    ("wall_time_s", "wall time (s)", 1, ""),
+    ("median_step_s", "median step (s)", 3, ""),
+    ("peak_rss_mib", "peak memory (MiB)", 0, ""),
+    ("trainable_params", "trainable params", 0, ""),
+    ("rank/mean", "effective rank (mean)", 2, ""),
+)
+
+
+def _by_method(outcomes: Sequence[Outcome]) -> dict[str, list[Outcome]]:
+    groups: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        groups.setdefault(o.job.method, []).append(o)
+    return groups
+
+
+def _cell(values: list[float], digits: int, several: bool) -> str:
+    mean, std = report.mean_std(values)
+    if math.isnan(mean):
+        return "-"
+    if digits == 0 and std == 0:
+        return f"{mean:,.0f}"
+    text = f"{mean:,.{digits}f}"
+    return f"{text} ± {std:,.{digits}f}" if several else text
+
+
+def aggregate(comparison: Comparison) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
+    """Headers and rows of the comparison table (mean ± std over seeds), and the same as data."""
+    groups = _by_method(comparison.outcomes)
+    metric = next((o.summary["metric"] for o in comparison.outcomes if o.ok and o.summary), "metric")
+    several = any(len(g) > 1 for g in groups.values())
+    headers = ["method"] + [h or f"eval {metric}" for _, h, _, _ in _COLUMNS]
+    rows, data = [], []
+    notes_needed = False
+    for method, group in groups.items():
+        ok = [o for o in group if o.ok and o.summary is not None]
+        entry: dict[str, Any] = {"method": method, "seeds": [o.job.seed for o in group], "ok": len(ok),
+                                 "failed": len(group) - len(ok), "mean": {}, "std": {}}
+        row = [method]
+        for key, _, digits, _ in _COLUMNS:
+            values = [float(o.summary[key]) for o in ok if isinstance(o.summary.get(key), (int, float))]
+            mean, std = report.mean_std(values)
+            entry["mean"][key], entry["std"][key] = mean, std
+            row.append(_cell(values, digits, several))
+        note = ""
+        if not ok:
+            first = group[0]
+            note = f"{first.status}: {first.error}"
+            row[1] = first.status
+        elif len(ok) < len(group):
+            bad = [o for o in group if not o.ok]
+            note = f"{len(bad)} of {len(group)} seeds {bad[0].status}: {bad[0].error}"
+        entry["note"] = note or None
+        notes_needed = notes_needed or bool(note)
+        rows.append(row + [note])
+        data.append(entry)
+    if notes_needed:
+        headers.append("notes")
+    else:
+        rows = [r[:-1] for r in rows]
+    return headers, rows, data
+
+
+def _mean_series(runs: list[report.Series]) -> tuple[report.Series, report.Series, report.Series]:
+    """Mean, mean − std and mean + std at the steps every run has."""
+    runs = [r for r in runs if r]
+    if not runs:
+        return [], [], []
+    steps = sorted(set.intersection(*(set(x for x, _ in r) for r in runs)))
+    lookup = [dict(r) for r in runs]
+    mean, lower, upper = [], [], []
+    for s in steps:
+        m, sd = report.mean_std([d[s] for d in lookup])
+        mean.append((s, m))
+        lower.append((s, m - sd))
+        upper.append((s, m + sd))
+    return mean, lower, upper
+
+
+def _smooth(points: report.Series, window: int) -> report.Series:
+    if not points:
+        return []
+    xs, ys = zip(*points, strict=True)
+    return list(zip(xs, report.running_mean(ys, window), strict=True))
+
+
+def write_plots(comparison: Comparison) -> dict[str, Path]:
+    """train_loss.png (running mean), eval_metric.png and effective_rank.png: one line per method."""
+    groups = _by_method(comparison.outcomes)
+    first = next((o for o in comparison.outcomes if o.summary), None)
+    metric = first.summary["metric"] if first and first.summary else None
+    steps = max((o.job.config.steps for o in comparison.outcomes), default=1)
+    window = max(1, min(50, steps // 15))
+    metrics = {id(o): report.read_metrics(o.job.output_dir) for o in comparison.outcomes}
+    if metric is None:  # every run failed: take the metric name from any evaluation row
+        keys = (k for rows in metrics.values() for r in rows for k in r if k.startswith("eval/"))
+        metric = next((k.removeprefix("eval/") for k in keys), "metric")
+
+    def lines(key: str, smooth: int = 1) -> tuple[dict[str, report.Series], dict[str, tuple]]:
+        out, bands = {}, {}
+        for method, group in groups.items():
+            label = method if any(o.ok for o in group) else f"{method} ({group[0].status})"
+            runs = [_smooth(report.series(metrics[id(o)], key), smooth) for o in group]
+            mean, lower, upper = _mean_series(runs)
+            out[label] = mean
+            if len(group) > 1:
+                bands[label] = (lower, upper)
+        return out, bands
+
+    seeds = max(len(g) for g in groups.values()) if groups else 1
+    over = f", mean over {seeds} seeds" if seeds > 1 else ""
+    task = first.summary.get("task") if first and first.summary else first.job.config.task if first else None
+    where = f" ({task})" if task else ""
+    files = {}
+    loss, loss_bands = lines("loss", window)
+    files["train_loss"] = report.plot_lines(
+        loss, comparison.output_dir / PLOTS["train_loss"], ylabel="train loss", logy=False, bands=loss_bands,
+        title=f"training loss{where}" + (f", running mean of {window} steps" if window > 1 else "") + over)
+    ev, ev_bands = lines(f"eval/{metric}")
+    files["eval_metric"] = report.plot_lines(
+        ev, comparison.output_dir / PLOTS["eval_metric"], title=f"eval {metric}{where}{over}", ylabel=metric,
+        logy=False, bands=ev_bands, markers=True)
+    rk, rk_bands = lines("rank/mean")
+    files["effective_rank"] = report.plot_lines(
+        rk, comparison.output_dir / PLOTS["effective_rank"],
+        title=f"effective rank of the accumulated update (mean over tracked layers){over}",
+        ylabel="effective rank", bands=rk_bands, markers=True)
+    return files
+
+
+def write_report(comparison: Comparison, *, command: str | None = None) -> Comparison:
+    """Write comparison.md, comparison.json and the plots; fills ``comparison.table`` and ``.files``."""
+    out = comparison.output_dir
+    headers, rows, data = aggregate(comparison)
+    comparison.table = report.markdown_table(headers, rows)
+    plots = write_plots(comparison)
+    first = next((o for o in comparison.outcomes if o.summary), None)
+    cfg = comparison.outcomes[0].job.config if comparison.outcomes else None
+    seeds = sorted({o.job.seed for o in comparison.outcomes})
+    settings = []
+    if cfg is not None:
+        data_name = first.summary.get("task") if first and first.summary else (cfg.task or cfg.train_file)
+        settings = [f"model `{cfg.model}`", f"task `{data_name}`", f"{cfg.steps} steps",
+                    f"batch {cfg.batch_size}×{cfg.grad_accum}", f"r {cfg.r}", f"lora_alpha {cfg.lora_alpha:g}",
+                    f"max length {cfg.max_length}", "seed " + ", ".join(map(str, seeds))]
+    md = ["# Method comparison", ""]
+    if settings:
+        md += ["Same data, seed and step budget for every method: " + ", ".join(settings) + ".", ""]
+    md += [comparison.table, ""]
+    if len(seeds) > 1:
+        md += [f"Mean ± standard deviation over {len(seeds)} seeds.", ""]
+    md += ["Wall time and median step time are training time (evaluation excluded); peak memory is the resident set "
+           "of each run's own process.", ""]
+    md += [f"![{name}]({path.name})" for name, path in plots.items()]
+    if command:
+        md += ["", "Command:", "", "```", command, "```"]
+    (out / MARKDOWN).write_text("\n".join(md) + "\n")
+    runs = []
+    for o in comparison.outcomes:
+        summary = dict(o.summary) if o.summary else None
+        runs.append({"method": o.job.method, "seed": o.job.seed, "status": o.status, "error": o.error,
+                     "returncode": o.returncode, "output_dir": str(o.job.output_dir), "summary": summary})
+    payload = {"command": command, "methods": data, "runs": runs, "table": comparison.table,
+               "plots": {k: str(v) for k, v in plots.items()}}
+    (out / JSON).write_text(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
+    comparison.files = {"markdown": out / MARKDOWN, "json": out / JSON, **plots}
+    return comparison
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
