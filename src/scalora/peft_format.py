@@ -154,7 +154,7 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, has_layers: bool) -> 
         shapes[key_a], shapes[key_b] = (item.r, item.in_features), (item.out_features, item.r)
         if config.alpha_vector:
             shapes[f"{PREFIX}{item.name}.{ALPHA_VECTOR_KEY}"] = (item.out_features,)
-    shapes.update((key, tuple(p.shape)) for key, p in _modules_to_save_params(model, config))
+    shapes.update((key, tuple(p.shape)) for key, p in modules_to_save_params(model, config))
     return shapes
 
 
@@ -166,11 +166,11 @@ def _parameters_by_key(model: nn.Module) -> dict[str, torch.Tensor]:
         params[key_a], params[key_b] = layer.lora_A, layer.lora_B
         if layer.alpha_vector is not None:
             params[f"{PREFIX}{name}.{ALPHA_VECTOR_KEY}"] = layer.alpha_vector
-    params.update(_modules_to_save_params(model, get_config(model)))
+    params.update(modules_to_save_params(model, get_config(model)))
     return params
 
 
-def _modules_to_save_params(model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def modules_to_save_params(model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, torch.Tensor]]:
     for mod_name, module in model.named_modules():
         if mod_name and config.is_module_to_save(mod_name):
             for p_name, p in module.named_parameters():

@@ -17,8 +17,8 @@ from torch import nn
 from scalora.config import LoraConfig
 from scalora.errors import ConfigError
 from scalora.layers import Embedding, LoraLayer, check_rank
-from scalora.model import lora_layers
-from scalora.peft_format import factor_keys, write_adapter
+from scalora.model import get_config, lora_layers
+from scalora.peft_format import factor_keys, modules_to_save_params, write_adapter
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ def export_lora(
     """Compress every layer's accumulated update into a rank-k PEFT adapter by truncated SVD.
 
     ΔW ≈ U_k Σ_k V_kᵀ, stored as B = U_k Σ_k^½, A = Σ_k^½ V_kᵀ with lora_alpha = r = k (s = 1); loaded onto the
-    pre-trained model (PEFT or scalora) it gives W_pretrained + B A. Changes to biases (α-LoRA's a ⊙ b) are not
+    pre-trained model (PEFT or scalora) it gives W_pretrained + B A. The model's `modules_to_save` (e.g. a trained
+    classification head) are stored in full beside the factors. Changes to biases (α-LoRA's a ⊙ b) are not
     representable in a LoRA adapter: export such models with `scalora.merge` instead.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -115,7 +116,9 @@ def export_lora(
         key_a, key_b = factor_keys(name, isinstance(layer, Embedding))
         dtype = layer.lora_A.dtype
         state[key_a], state[key_b] = A.to(dtype), B.to(dtype)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers),
+    trained = get_config(model)
+    state.update(modules_to_save_params(model, trained))
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers), modules_to_save=trained.modules_to_save,
                         base_model_name_or_path=base_model_name_or_path)
     fan_in_fan_out = all(layer.fan_in_fan_out for layer in layers.values())
     out = write_adapter(folder, config, state, model, fan_in_fan_out=fan_in_fan_out)

@@ -296,8 +296,11 @@ def _echo(path: Path, offset: int) -> int:
 
 def _stop(proc: subprocess.Popen) -> None:
     """Ask a run to stop as Ctrl-C would (it then keeps its last checkpoint); kill it if it does not."""
-    if proc.poll() is not None:
+    try:  # from a terminal, Ctrl-C reached the run too: give it a moment to stop by itself
+        proc.wait(timeout=5)
         return
+    except subprocess.TimeoutExpired:
+        pass
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=30)
@@ -320,7 +323,13 @@ def run_comparison(jobs: Sequence[Job], output_dir: Path, *, resume: bool = Fals
                 outcomes.append(Outcome(job, "reused", summary, returncode=0))
                 continue
         log(f"[{i}/{len(jobs)}] {job.label}: training {job.config.steps} steps in {job.output_dir}")
-        outcome = _run_job(job, resume=resume, progress=progress, verbose=verbose, log=log)
+        try:
+            outcome = _run_job(job, resume=resume, progress=progress, verbose=verbose, log=log)
+        except KeyboardInterrupt:
+            found = checkpoint.find(job.output_dir)
+            log(f"  {job.label}: interrupted; " + (f"its last checkpoint is {found}" if found else
+                                                    "it had written no checkpoint yet (see --save-every)"))
+            raise
         outcomes.append(outcome)
         if outcome.ok and outcome.summary is not None:
             s = outcome.summary
@@ -328,7 +337,7 @@ def run_comparison(jobs: Sequence[Job], output_dir: Path, *, resume: bool = Fals
                 f"{s.get('final_train_loss', math.nan):.4f}, {outcome.seconds:.0f} s")
         else:
             log(f"  {job.label}: {outcome.status}: {outcome.error} (log: {job.output_dir / LOG})")
-            if outcome.status == "interrupted":
+            if outcome.status == "interrupted":  # stopped from outside (e.g. SIGINT to the run alone): stop too
                 raise KeyboardInterrupt
     comparison = Comparison(output_dir, outcomes)
     write_report(comparison, command=command)

@@ -13,7 +13,7 @@ METHODS = ("full", "lora", "rslora", "alpha-lora", "scalora", "scalora-i", "relo
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the computation: a run may be resumed with other values for them.
 _NOT_IDENTITY = {"output_dir", "resume", "overwrite", "log_every", "eval_every", "save_every", "progress",
-                 "export_rank", "tensorboard"}
+                 "export_rank", "tensorboard", "eval_batch_size", "eval_limit", "rank_layers"}
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TrainConfig:
     alpha_holdout: int = 256
     relora_every: int | None = None  # default: steps // 4
     relora_prune: float = 0.99
-    relora_warmup: int = 10
+    relora_warmup: int = 10  # re-warm-up steps after each reset (at most a quarter of relora_every)
     # evaluation, logging, output
     eval_every: int = 0  # 0: only at the end
     eval_limit: int | None = None

