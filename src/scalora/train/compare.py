@@ -86,9 +86,11 @@ class Job:
     def label(self) -> str:
         return self.method if self.output_dir.name == self.method else f"{self.method} (seed {self.seed})"
 
-    def command(self, *, resume: bool = False, verbose: bool = False) -> list[str]:
+    def command(self, *, resume: bool = False, verbose: bool = False, threads: int | None = None) -> list[str]:
         """``python -m scalora train ...`` for this job."""
         cmd = [sys.executable, "-m", "scalora", "train", *to_argv(dict(self.values, resume=resume))]
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
         return [*cmd, "--verbose"] if verbose else cmd
 
 
@@ -241,9 +243,11 @@ class _Progress:
             self.bar.close()
 
 
-def _run_job(job: Job, *, resume: bool, progress: bool, verbose: bool, log: Callable[[str], None]) -> Outcome:
+def _run_job(job: Job, *, resume: bool, progress: bool, verbose: bool, threads: int | None,
+             log: Callable[[str], None]) -> Outcome:
     """Train one job in a subprocess, its output kept in ``<run>/train.log``; Ctrl-C stops it and propagates."""
-    cmd = job.command(resume=resume and checkpoint.find(job.output_dir) is not None, verbose=verbose)
+    cmd = job.command(resume=resume and checkpoint.find(job.output_dir) is not None, verbose=verbose,
+                      threads=threads)
     job.output_dir.mkdir(parents=True, exist_ok=True)
     log_path = job.output_dir / LOG
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -310,9 +314,12 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run_comparison(jobs: Sequence[Job], output_dir: Path, *, resume: bool = False, progress: bool = False,
-                   verbose: bool = False, log: Callable[[str], None] = print,
+                   verbose: bool = False, threads: int | None = None, log: Callable[[str], None] = print,
                    command: str | None = None) -> Comparison:
-    """Run every job (one subprocess each, one after another), then write the report into ``output_dir``."""
+    """Run every job (one subprocess each, one after another), then write the report into ``output_dir``.
+
+    ``threads`` sets each run's CPU threads (``scalora train --threads``); None keeps torch's default.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     for i, job in enumerate(jobs, start=1):
@@ -324,7 +331,7 @@ def run_comparison(jobs: Sequence[Job], output_dir: Path, *, resume: bool = Fals
                 continue
         log(f"[{i}/{len(jobs)}] {job.label}: training {job.config.steps} steps in {job.output_dir}")
         try:
-            outcome = _run_job(job, resume=resume, progress=progress, verbose=verbose, log=log)
+            outcome = _run_job(job, resume=resume, progress=progress, verbose=verbose, threads=threads, log=log)
         except KeyboardInterrupt:
             found = checkpoint.find(job.output_dir)
             log(f"  {job.label}: interrupted; " + (f"its last checkpoint is {found}" if found else

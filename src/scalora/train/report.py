@@ -172,11 +172,14 @@ def plot_lines(
         if logy is None:
             positive = [v for v in values if v > 0]
             logy = bool(positive) and len(positive) == len(values) and max(positive) / min(positive) > 20
-        for label, pts in lines.items():
+        styles = ("-", "--", "-.", ":")
+        shapes = ("o", "s", "^", "D", "v", "P", "X")
+        for i, (label, pts) in enumerate(lines.items()):
             if not pts:
                 continue
             xs, ys = zip(*pts, strict=True)
-            (line,) = ax.plot(xs, ys, label=label, marker="o" if markers else None, markersize=4, linewidth=1.6)
+            (line,) = ax.plot(xs, ys, label=label, linestyle=styles[i % len(styles)],  # overlapping lines stay visible
+                              marker=shapes[i % len(shapes)] if markers else None, markersize=5, linewidth=1.6)
             if bands and label in bands:
                 lower, upper = bands[label]
                 if lower and upper:
