@@ -597,3 +597,24 @@ def test_nan_stops_before_a_bad_checkpoint_and_resume_recovers(what: str, files:
     result = quiet_train(make_cfg(tmp_path, files["bert"], files["cls"], "scalora", steps=4, save_every=1,
                                   resume=True))
     assert math.isfinite(result.summary["final_train_loss"])
+
+
+def test_overwrite_with_a_bad_option_keeps_the_old_run(files: dict[str, Path], tmp_path: Path) -> None:
+    quiet_train(make_cfg(tmp_path, files["bert"], files["cls"], "lora", steps=2))
+    before = (tmp_path / loop.SUMMARY).read_text()
+    with pytest.raises(DataError):
+        quiet_train(make_cfg(tmp_path, files["bert"], tmp_path / "typo.jsonl", "lora", steps=2, overwrite=True))
+    assert (tmp_path / loop.SUMMARY).read_text() == before
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_full_fine_tuning_ignores_the_adapter_rank(files: dict[str, Path], tmp_path: Path) -> None:
+    result = quiet_train(make_cfg(tmp_path, files["bert"], files["cls"], "full", steps=2, r=64))
+    assert math.isfinite(result.summary["final_train_loss"])
+
+
+def test_library_api_trains_from_a_file_without_naming_a_task(files: dict[str, Path], tmp_path: Path) -> None:
+    cfg = TrainConfig(model=str(files["bert"]), train_file=str(files["cls"]), steps=1, batch_size=4, eval_size=4,
+                      output_dir=str(tmp_path), progress=False, tensorboard=False)
+    assert cfg.task is None
+    assert quiet_train(cfg).summary["steps"] == 1

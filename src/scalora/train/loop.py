@@ -14,6 +14,7 @@ import random
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -123,13 +124,19 @@ class MetricsLog:
             self.writer.close()
 
 
-def _prepare_output(cfg: TrainConfig) -> Path:
+def _check_output(cfg: TrainConfig) -> None:
+    """Refuse to start over a run that exists unless asked to resume or overwrite it (nothing is touched)."""
     out = Path(cfg.output_dir)
-    existing = checkpoint.find(out)
-    if existing is not None and not cfg.resume:
-        if not cfg.overwrite:
-            raise ScaloraError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
-                               f"over, or choose another --output-dir.")
+    if checkpoint.find(out) is not None and not (cfg.resume or cfg.overwrite):
+        raise ScaloraError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
+                           f"over, or choose another --output-dir.")
+
+
+def _prepare_output(cfg: TrainConfig) -> Path:
+    """Create the output folder; with --overwrite remove the old run's files. Called only once the run's task,
+    model and method are known to be valid, so a mistyped option never costs the previous run."""
+    out = Path(cfg.output_dir)
+    if checkpoint.find(out) is not None and not cfg.resume:
         # everything the old run wrote, so no stale result (model/ beside a new adapter/) or log survives
         old_outputs = [out / name for name in (checkpoint.NAME, checkpoint.NAME + ".old", METRICS, SUMMARY, "model",
                                                "adapter", "tensorboard")]
@@ -186,6 +193,12 @@ def _evaluate(cfg: TrainConfig, task: Task, model: nn.Module, tokenizer: Any) ->
     return {f"eval/{k}": float(v) for k, v in result.items()}
 
 
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     """Forward and backward over the micro-batches of one optimiser step; returns the mean loss."""
     total = 0.0
@@ -203,7 +216,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
     """Run `cfg` to its last step (resuming its checkpoint with ``cfg.resume``) and write its results."""
     if cfg.export_rank is not None and cfg.method == "full":
         raise ConfigError("--export-rank needs an adapter method (it compresses the update of the adapted layers).")
-    out = _prepare_output(cfg)
+    _check_output(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     task = load_task(cfg.task, train_file=cfg.train_file, eval_file=cfg.eval_file, train_size=cfg.train_size,
@@ -217,6 +230,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
     adapt(cfg, model)
     pretrained = snapshot_base_weights(model) if cfg.export_rank is not None else None
     setup = build(cfg, model)
+    out = _prepare_output(cfg)
     trainable, total = trainable_parameters(model)
     log(f"{task.summary()}")
     log(f"{cfg.method}: trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
@@ -318,7 +332,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
         "metric": task.metric, "eval": last_eval.get(f"eval/{task.metric}", math.nan), "label_names": task.label_names,
         "final_train_loss": statistics.fmean(losses[-10:]) if losses else math.nan,
         "wall_time_s": elapsed, "median_step_s": statistics.median(timed) if timed else math.nan,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": _peak_rss_mib(),
         "trainable_params": trainable, "total_params": total, **rank, "saved": saved, "config": cfg.to_dict(),
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -43,7 +44,10 @@ def lora_config(cfg: TrainConfig, model: nn.Module) -> LoraConfig:
 def tracked_layers(cfg: TrainConfig, model: nn.Module) -> list[tuple[str, bool]]:
     """Up to `cfg.rank_layers` targeted layers, evenly spread, whose accumulated update's rank is tracked:
     (module name, weight stored as (in, out))."""
-    plan = plan_lora(model, lora_config(cfg, model))
+    config = lora_config(cfg, model)
+    if cfg.method == "full":  # no adapters: any layer can be tracked, whatever --r says
+        config = dataclasses.replace(config, r=1)
+    plan = plan_lora(model, config)
     if cfg.rank_layers == 0:
         return []
     step = max(1, math.ceil(len(plan) / cfg.rank_layers))
