@@ -66,6 +66,7 @@ FIELD_HELP: dict[str, str] = {
     "train_size": "number of training examples to use (default: the task's own: sarcasm 2000, gsm 1000, "
                   "socialiqa all but the eval set; every row of a file)",
     "eval_size": "number of evaluation examples (default: the task's own: 500 for sarcasm and socialiqa, 100 for gsm)",
+    "max_new_tokens": "tokens generated per answer when evaluating a generation task (default 256 for gsm)",
     "max_length": "truncate every example to this many tokens",
     "r": "adapter rank r",
     "lora_alpha": "lora_alpha: the update B A is scaled by lora_alpha/r (lora_alpha/sqrt(r) for rslora)",
@@ -106,7 +107,8 @@ FIELD_HELP: dict[str, str] = {
 }
 
 _GROUPS: dict[str, tuple[str, ...]] = {
-    "model and data": ("model", "task", "method", "train_file", "eval_file", "train_size", "eval_size", "max_length"),
+    "model and data": ("model", "task", "method", "train_file", "eval_file", "train_size", "eval_size", "max_length",
+                       "max_new_tokens"),
     "adapters": ("r", "lora_alpha", "lora_dropout", "target_modules"),
     "optimisation": ("lr", "weight_decay", "batch_size", "grad_accum", "steps", "warmup_steps", "schedule",
                      "max_grad_norm", "seed"),

@@ -28,6 +28,7 @@ class TrainConfig:
     train_size: int | None = None
     eval_size: int | None = None
     max_length: int = 64
+    max_new_tokens: int | None = None  # generation length of generation tasks (gsm: 256)
     # adapters
     r: int = 8
     lora_alpha: float = 16.0
@@ -78,7 +79,8 @@ class TrainConfig:
         for name in ("r", "batch_size", "grad_accum", "steps", "max_length", "eval_batch_size", "alpha_every",
                      "alpha_holdout", "relora_warmup", "log_every"):
             _positive_int(name, getattr(self, name))
-        for name in ("scalora_interval", "relora_every", "export_rank", "train_size", "eval_size", "eval_limit"):
+        for name in ("scalora_interval", "relora_every", "export_rank", "train_size", "eval_size", "eval_limit",
+                     "max_new_tokens"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "save_every", "rank_layers"):

@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     task = load_task(cfg.task, train_file=cfg.train_file, eval_file=cfg.eval_file, train_size=cfg.train_size,
-                     eval_size=cfg.eval_size, seed=cfg.seed)
+                     eval_size=cfg.eval_size, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
     model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels)
     if task.kind == "classification" and task.label_names:  # so the saved model names its predictions
         model.config.id2label = dict(enumerate(task.label_names))
