@@ -69,9 +69,9 @@ def test_rslora_rank_main(tiny_assets, tmp_path) -> None:
     assert saved["command"].startswith("python ") and "--sweep-lrs" in saved["command"]
     assert data["runtime_s"] > 0
     minilm, smol = saved["results"]["minilm"], saved["results"]["smollm2"]
-    # the largest rank the tiny layers allow is added: BERT 32 (hidden), Llama 16 (2 KV heads x 8)
+    # the largest rank the tiny layers allow: BERT 32 (hidden), Llama 16 (2 KV heads x 8)
     assert minilm["ranks"] == [4, 32] and minilm["max_rank"] == 32
-    assert smol["ranks"] == [4, 16] and smol["max_rank"] == 16
+    assert smol["ranks"] == [4] and smol["max_rank"] == 16  # the small size adds no max rank for SmolLM2
     for res in (minilm, smol):
         by_method = res["summary"]["by_method"]
         assert set(by_method) == {"lora", "rslora"}
@@ -88,8 +88,14 @@ def test_rslora_rank_main(tiny_assets, tmp_path) -> None:
                     for m in ("lora", "rslora"))
         assert lora["probe"]["A"][0] == 0.0
         assert lora["probe"]["B"][0] / rs["probe"]["B"][0] == pytest.approx(1 / math.sqrt(r), rel=1e-5)
-    # the runs were kept in the work dir
+    # the runs were kept in the work dir, and --reuse reads them (and the probes) back instead of training again
     assert (tmp_path / "runs" / "minilm" / "lora-r4-lr0.0005-s0" / "metrics.jsonl").is_file()
+    again = rslora_rank.main([*argv, "--reuse", "--tag", "again"])
+    assert (out / "rslora_rank_again.json").is_file()
+    runs = again["results"]["minilm"]["runs"] + again["results"]["smollm2"]["runs"]
+    assert all(run["reused"] for run in runs)
+    assert [run["final_loss"] for run in runs] == [run["final_loss"] for run in minilm["runs"] + smol["runs"]]
+    assert [run["probe"] for run in again["results"]["minilm"]["runs"]] == [run["probe"] for run in minilm["runs"]]
 
 
 def test_alpha_lora_practice_main(tiny_assets, tmp_path) -> None:
@@ -103,9 +109,11 @@ def test_alpha_lora_practice_main(tiny_assets, tmp_path) -> None:
     for name, n_types in (("minilm", 6), ("smollm2", 7)):
         res = saved["results"][name]
         summ = res["summary"]
-        assert set(summ["accuracy"]) == {"lora", "alpha-lora"} and summ["accuracy"]["lora"]["n"] == 2
-        assert summ["paired_difference_alpha_minus_lora"]["n"] == 2
+        assert set(summ["accuracy"]) == {"lora", "alpha-lora", "alpha-frozen"} and summ["accuracy"]["lora"]["n"] == 2
+        for key in ("alpha_minus_lora", "alpha_minus_frozen", "frozen_minus_lora"):
+            assert summ[f"paired_difference_{key}"]["n"] == 2
         assert summ["alpha_steps"] == 3
+        assert summ["alpha_seed_agreement"]["seeds"] == 2  # read back from the runs' adapters
         assert len(summ["alpha_by_type"]) == n_types
         for info in summ["alpha_by_type"].values():
             assert [e["depth"] for e in info["by_depth"]] == [0, 1]
@@ -115,4 +123,9 @@ def test_alpha_lora_practice_main(tiny_assets, tmp_path) -> None:
             assert len(run["alpha_heldout_loss"]) == 3  # steps 2, 4, 6
             # the vectors moved from 1 (3 Adam steps of lr 5e-3), but not far
             assert 0 < run["alpha_overall"]["std"] < 0.05 and abs(run["alpha_overall"]["mean"] - 1) < 0.05
+        # the control keeps α at 1 (learning rate 1e-12) on the same split and batches as alpha-lora
+        for run in (x for x in res["runs"] if x["method"] == "alpha-frozen"):
+            assert abs(run["alpha_overall"]["min"] - 1) < 1e-6 and abs(run["alpha_overall"]["max"] - 1) < 1e-6
+            twin = next(x for x in alpha_runs if x["seed"] == run["seed"])
+            assert run["loss_curve"][0] == twin["loss_curve"][0]  # same first batch, α not yet stepped
     assert len(saved["results"]["smollm2"]["base_model"]) == 2  # the untrained model, per seed
