@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -388,27 +388,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_parts(args: argparse.Namespace) -> list[Part]:
-    parts = []
-    for name in args.parts:
-        part = SIZES[args.size][name]
-        changes: dict[str, Any] = {}
-        for field_name, value in (("seeds", args.seeds), ("steps", args.steps), ("batch_size", args.batch_size),
-                                  ("max_length", args.max_length), ("train_size", args.train_size),
-                                  ("eval_limit", args.eval_limit), ("lr", args.lr), ("r", args.r),
-                                  ("alpha_every", args.alpha_every), ("alpha_lr", args.alpha_lr),
-                                  ("alpha_holdout", args.alpha_holdout)):
-            if value is not None:
-                changes[field_name] = tuple(value) if isinstance(value, list) else value
-        if args.no_base_eval:
-            changes["base_eval"] = False
-        model = getattr(args, f"{name}_model")
-        train_file = getattr(args, f"{name}_train_file")
-        if model is not None:
-            changes["model"] = model
-        if train_file is not None:
-            changes.update(train_file=train_file, task=None, eval_size=None)
-        parts.append(replace(part, **changes))
-    return parts
+    extra = {"base_eval": False} if args.no_base_eval else {}
+    fields = ("seeds", "steps", "batch_size", "max_length", "train_size", "eval_limit", "lr", "r",
+              "alpha_every", "alpha_lr", "alpha_holdout")
+    return [common.override_part(SIZES[args.size][name], args, name, fields, **extra) for name in args.parts]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ run as ``python benchmarks/<script>.py``; a script loaded from elsewhere, e.g. b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -227,3 +228,19 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def override_part(part: Any, args: Any, name: str, fields: Sequence[str], **changes: Any) -> Any:
+    """`part` (a dataclass of one study part's settings) with every option in `fields` that was given on the command
+    line, the extra `changes`, and the `--<name>-model` / `--<name>-train-file` overrides (used by smoke tests)."""
+    for field_name in fields:
+        value = getattr(args, field_name)
+        if value is not None:
+            changes[field_name] = tuple(value) if isinstance(value, list) else value
+    model = getattr(args, f"{name}_model")
+    train_file = getattr(args, f"{name}_train_file")
+    if model is not None:
+        changes["model"] = model
+    if train_file is not None:
+        changes.update(train_file=train_file, task=None, eval_size=None)
+    return dataclasses.replace(part, **changes)

@@ -436,27 +436,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_parts(args: argparse.Namespace) -> list[Part]:
-    parts = []
-    for name in args.parts:
-        part = SIZES[args.size][name]
-        changes: dict[str, Any] = {}
-        for field_name, value in (("seeds", args.seeds), ("ranks", args.ranks), ("steps", args.steps),
-                                  ("batch_size", args.batch_size), ("max_length", args.max_length),
-                                  ("train_size", args.train_size), ("lr", args.lr), ("lora_alpha", args.lora_alpha),
-                                  ("last_k", args.last_k), ("grad_steps", args.grad_steps),
-                                  ("sweep_rank", args.sweep_rank), ("sweep_lrs", args.sweep_lrs)):
-            if value is not None:
-                changes[field_name] = tuple(value) if isinstance(value, list) else value
-        if args.no_max_rank:
-            changes["include_max_rank"] = False
-        model = getattr(args, f"{name}_model")
-        train_file = getattr(args, f"{name}_train_file")
-        if model is not None:
-            changes["model"] = model
-        if train_file is not None:
-            changes.update(train_file=train_file, task=None, eval_size=None)
-        parts.append(replace(part, **changes))
-    return parts
+    extra = {"include_max_rank": False} if args.no_max_rank else {}
+    fields = ("seeds", "ranks", "steps", "batch_size", "max_length", "train_size", "lr", "lora_alpha",
+              "last_k", "grad_steps", "sweep_rank", "sweep_lrs")
+    return [common.override_part(SIZES[args.size][name], args, name, fields, **extra) for name in args.parts]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
