@@ -46,6 +46,8 @@ if str(_HERE) not in sys.path:  # loaded from a test rather than run as a script
 
 import common  # noqa: E402
 
+from scalora.train.report import running_mean  # noqa: E402
+
 METHODS = ("lora", "rslora")
 SCALE_LABEL = {"lora": "s = α/r (lora)", "rslora": "s = α/√r (rslora)"}
 OUT_JSON = "rslora_rank.json"
@@ -349,7 +351,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                             and x["lr"] == res["part"]["lr"] and x["seed"] == seed0), None)
                 if run is None:
                     continue
-                curve = _smooth(run["loss_curve"], max(1, res["part"]["last_k"] // 2))
+                curve = running_mean(run["loss_curve"], max(1, res["part"]["last_k"] // 2))
                 ax_curve.plot(range(1, len(curve) + 1), curve, style, color=cmap(j / max(1, len(ranks) - 1)),
                               label=f"r={r}" if method == "lora" else None)
         ax_curve.set_xlabel("step")
@@ -385,16 +387,6 @@ def plot_sweep(results: dict[str, Any], path: Path) -> bool:
     fig.tight_layout()
     common.save_figure(fig, path)
     return True
-
-
-def _smooth(values: list[float], k: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= k:
-            acc -= values[i - k]
-        out.append(acc / min(i + 1, k))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -235,13 +235,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
     log(f"{task.summary()}")
     log(f"{cfg.method}: trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
 
+    frozen_changes = cfg.method in MERGING or cfg.method == "full"  # checkpoints then carry every weight
     start, elapsed = 0, 0.0
     if cfg.resume:
         ckpt = checkpoint.load(out, cfg)
         unexpected = set(ckpt.model) - set(model.state_dict())
         if unexpected:
             raise checkpoint.CheckpointError(f"the checkpoint has weights this model lacks: {sorted(unexpected)[0]!r}.")
-        missing = set(checkpoint.mutable_state(model, cfg.method in MERGING or cfg.method == "full")) - set(ckpt.model)
+        missing = set(checkpoint.mutable_state(model, frozen_changes)) - set(ckpt.model)
         if missing:
             raise checkpoint.CheckpointError(f"the checkpoint lacks weights this run trains: {sorted(missing)[0]!r} "
                                              f"({len(missing)} in all); it cannot be resumed exactly.")
@@ -267,7 +268,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
                  "rng": checkpoint.rng_state(), "elapsed": elapsed}
         if setup.alpha is not None:
             state["alpha"] = setup.alpha.state_dict()
-        tensors = checkpoint.mutable_state(model, cfg.method in MERGING or cfg.method == "full")
+        tensors = checkpoint.mutable_state(model, frozen_changes)
         bad = next((name for name, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())),
                    None)
         if bad is not None:  # keep the last good checkpoint rather than one that cannot be resumed
