@@ -85,11 +85,12 @@ SIZES: dict[str, dict[str, Part]] = {
                         train_size=None, eval_size=None, eval_limit=200, seeds=(0, 1), lr=5e-4, r=8, lora_alpha=16.0,
                         alpha_every=2, alpha_lr=5e-3, alpha_holdout=256, base_eval=True),
     },
+    # about 1.5 h with --workers 2 on an idle 2-core machine (docs/results.md gives the arithmetic)
     "full": {
-        "minilm": Part("minilm", "minilm", "sarcasm", None, steps=2000, batch_size=16, max_length=48,
-                       train_size=20000, eval_size=2000, eval_limit=None, seeds=(0, 1, 2, 3, 4), lr=5e-4, r=8,
+        "minilm": Part("minilm", "minilm", "sarcasm", None, steps=1000, batch_size=16, max_length=48,
+                       train_size=16000, eval_size=2000, eval_limit=None, seeds=(0, 1, 2, 3, 4), lr=5e-4, r=8,
                        lora_alpha=16.0, alpha_every=10, alpha_lr=5e-3, alpha_holdout=1024, base_eval=False),
-        "smollm2": Part("smollm2", "smollm2-135m", "socialiqa", None, steps=400, batch_size=8, max_length=128,
+        "smollm2": Part("smollm2", "smollm2-135m", "socialiqa", None, steps=200, batch_size=4, max_length=128,
                         train_size=None, eval_size=None, eval_limit=None, seeds=(0, 1, 2), lr=5e-4, r=8,
                         lora_alpha=16.0, alpha_every=10, alpha_lr=5e-3, alpha_holdout=256, base_eval=True),
     },

@@ -86,23 +86,24 @@ class Part:
 # change the output by about s·r·lr, so s = α/√r at lr behaves like s = α/r at lr·√r (see the docs' discussion).
 SIZES: dict[str, dict[str, Part]] = {
     "small": {
-        "minilm": Part("minilm", "minilm", "sarcasm", None, ranks=(4, 16, 64), include_max_rank=True, steps=120,
+        "minilm": Part("minilm", "minilm", "sarcasm", None, ranks=(4, 16, 64, 256), include_max_rank=True, steps=120,
                        batch_size=16, max_length=48, train_size=2000, eval_size=None, eval_limit=None, seeds=(0, 1),
                        lr=5e-4, lora_alpha=16.0, last_k=20, grad_steps=10, probe=True, sweep_rank=64,
                        sweep_lrs=(6.25e-5, 2e-3, 4e-3)),
-        "smollm2": Part("smollm2", "smollm2-135m", "gsm", None, ranks=(4, 16, 64), include_max_rank=False, steps=16,
-                        batch_size=2, max_length=128, train_size=100, eval_size=1, eval_limit=1, seeds=(0,),
+        "smollm2": Part("smollm2", "smollm2-135m", "gsm", None, ranks=(4, 16, 64), include_max_rank=True, steps=16,
+                        batch_size=2, max_length=128, train_size=100, eval_size=1, eval_limit=1, seeds=(0, 1),
                         lr=5e-4, lora_alpha=16.0, last_k=6, grad_steps=8, probe=False, sweep_rank=64,
                         sweep_lrs=(6.25e-5, 4e-3)),
     },
+    # about 2 h with --workers 2 on an idle 2-core machine (docs/results.md gives the arithmetic)
     "full": {
         "minilm": Part("minilm", "minilm", "sarcasm", None, ranks=(4, 8, 16, 32, 64, 128, 256), include_max_rank=True,
-                       steps=600, batch_size=16, max_length=48, train_size=10000, eval_size=None, eval_limit=None,
-                       seeds=(0, 1, 2), lr=5e-4, lora_alpha=16.0, last_k=50, grad_steps=10, probe=True,
+                       steps=400, batch_size=16, max_length=48, train_size=6400, eval_size=None, eval_limit=None,
+                       seeds=(0, 1, 2), lr=5e-4, lora_alpha=16.0, last_k=40, grad_steps=10, probe=True,
                        sweep_rank=256, sweep_lrs=(3.125e-5, 1.25e-4, 2e-3, 8e-3)),
-        "smollm2": Part("smollm2", "smollm2-135m", "gsm", None, ranks=(4, 16, 64), include_max_rank=True, steps=100,
-                        batch_size=4, max_length=256, train_size=1000, eval_size=1, eval_limit=1, seeds=(0, 1),
-                        lr=5e-4, lora_alpha=16.0, last_k=20, grad_steps=10, probe=False, sweep_rank=64,
+        "smollm2": Part("smollm2", "smollm2-135m", "gsm", None, ranks=(4, 16, 64), include_max_rank=True, steps=48,
+                        batch_size=4, max_length=192, train_size=192, eval_size=1, eval_limit=1, seeds=(0, 1),
+                        lr=5e-4, lora_alpha=16.0, last_k=12, grad_steps=8, probe=False, sweep_rank=64,
                         sweep_lrs=(6.25e-5, 4e-3)),
     },
 }

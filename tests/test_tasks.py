@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +22,7 @@ from scalora.train.tasks import (
     MathTask,
     MultipleChoiceTask,
     choice_loglikelihoods,
+    completion_loss,
     extract_number,
     generate,
     load_task,
@@ -180,7 +182,7 @@ def test_evaluate_builtin_tasks_on_tiny_models(
 
     model, tok = tiny_gpt2_model
     result = load_task("gsm", train_size=2, eval_size=4, max_new_tokens=4).evaluate(model, tok, 256, 4)
-    assert result == {"exact_match": 0.0, "n": 4.0}
+    assert result["exact_match"] == 0.0 and result["n"] == 4.0 and math.isfinite(result["loss"]) and result["loss"] > 0
 
 
 class FavouriteTokenLM(torch.nn.Module):
@@ -240,16 +242,28 @@ def test_batched_generation_matches_one_at_a_time(arch: str) -> None:
 def test_math_task_scores_the_final_number(monkeypatch: pytest.MonkeyPatch, char_tok) -> None:
     outputs = [" 3 + 4 = 7\n#### 7", " so the answer is 12.0", " #### 1,000 apples", " no idea"]
     monkeypatch.setattr(tasks, "generate", lambda *args, **kwargs: outputs)
+    monkeypatch.setattr(tasks, "completion_loss", lambda *args, **kwargs: 1.5)
     examples = [{"prompt": "q", "completion": " x", "answer": a} for a in ("7", "12", "1000", "5")]
     task = MathTask(name="m", train=[], eval=examples)
-    assert task.evaluate(torch.nn.Linear(1, 1), char_tok, 64, 4) == {"exact_match": 0.75, "n": 4.0}
+    assert task.evaluate(torch.nn.Linear(1, 1), char_tok, 64, 4) == {"exact_match": 0.75, "loss": 1.5, "n": 4.0}
 
 
 def test_generation_task_exact_match(monkeypatch: pytest.MonkeyPatch, char_tok) -> None:
     monkeypatch.setattr(tasks, "generate", lambda *args, **kwargs: [" Paris ", "Lyon"])
+    monkeypatch.setattr(tasks, "completion_loss", lambda *args, **kwargs: 0.25)
     examples = [{"prompt": "a", "completion": " Paris"}, {"prompt": "b", "completion": " Rome"}]
     result = GenerationTask(name="g", train=[], eval=examples).evaluate(torch.nn.Linear(1, 1), char_tok, 64, 2)
-    assert result == {"exact_match": 0.5, "n": 2.0}
+    assert result == {"exact_match": 0.5, "loss": 0.25, "n": 2.0}
+
+
+def test_completion_loss_is_token_weighted_over_completions(char_tok) -> None:
+    # "xx" + EOS: 1 unlikely token (EOS) of 3; "ab" + EOS: 3 of 3. Prompts are not scored.
+    model = FavouriteTokenLM(len(char_tok), char_tok.convert_tokens_to_ids("x"))
+    examples = [{"prompt": "Say:", "completion": "xx"}, {"prompt": "Say something longer:", "completion": "ab"}]
+    expected = 20.0 * 4 / 6
+    assert completion_loss(model, char_tok, examples, 64, batch_size=2) == pytest.approx(expected, rel=1e-3)
+    assert completion_loss(model, char_tok, examples, 64, batch_size=1) == pytest.approx(expected, rel=1e-3)
+    assert completion_loss(model, char_tok, examples[:1], 64, batch_size=1) == pytest.approx(20.0 / 3, rel=1e-3)
 
 
 @pytest.mark.parametrize(

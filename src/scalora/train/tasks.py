@@ -210,6 +210,28 @@ def choice_loglikelihoods(
     return scores
 
 
+def completion_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[dict[str, Any]],
+    max_length: int,
+    batch_size: int,
+) -> float:
+    """Held-out language-model loss: −(1/N) Σ log p(token | prefix) over the N completion (+ EOS) tokens of
+    ``examples``, batched with :class:`CausalLMCollator`, i.e. the training loss, but token-weighted over the set."""
+    collate = CausalLMCollator(tokenizer, max_length)
+    device = _device(model)
+    total, count = 0.0, 0
+    with _evaluating(model):
+        for chunk in _batches(examples, batch_size):
+            batch = {k: v.to(device) for k, v in collate(list(chunk)).items()}
+            labels = batch.pop("labels")[:, 1:]
+            logits = model(**batch).logits[:, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -310,8 +332,9 @@ class Task:
         batch_size: int,
         limit: int | None = None,
     ) -> dict[str, float]:
-        """Score ``model`` on the first ``limit`` eval examples (all when None): ``{metric: value, "n": count}``,
-        value in [0, 1]. The model's train/eval mode is restored afterwards."""
+        """Score ``model`` on the first ``limit`` eval examples (all when None): ``{metric: value, "n": count}``
+        (value in [0, 1]), plus any secondary scores the task defines. The model's train/eval mode is restored
+        afterwards."""
         raise NotImplementedError
 
     def _eval_examples(self, limit: int | None) -> list[dict[str, Any]]:
@@ -392,7 +415,9 @@ class MultipleChoiceTask(Task):
 
 @dataclass(kw_only=True)
 class GenerationTask(Task):
-    """Causal LM prompt → completion; scored by greedy generation, ``exact_match`` of the stripped text."""
+    """Causal LM prompt → completion; scored by greedy generation, ``exact_match`` of the stripped text, and by
+    ``loss``, the held-out loss of the reference completions (:func:`completion_loss`; informative while exact
+    matches are still rare)."""
 
     kind: TaskKind = "causal_lm"
     metric: str = "exact_match"
@@ -417,7 +442,8 @@ class GenerationTask(Task):
             model, tokenizer, [ex["prompt"] for ex in examples], max_length, batch_size, self.max_new_tokens
         )
         hits = sum(self.prediction(t) == self.reference(ex) for t, ex in zip(texts, examples, strict=True))
-        return {self.metric: hits / len(examples), "n": float(len(examples))}
+        loss = completion_loss(model, tokenizer, examples, max_length, batch_size)
+        return {self.metric: hits / len(examples), "loss": loss, "n": float(len(examples))}
 
 
 @dataclass(kw_only=True)
