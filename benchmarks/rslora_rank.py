@@ -53,6 +53,7 @@ SCALE_LABEL = {"lora": "s = α/r (lora)", "rslora": "s = α/√r (rslora)"}
 OUT_JSON = "rslora_rank.json"
 OUT_FIG = "rslora_rank.png"
 OUT_SWEEP_FIG = "rslora_lr_sweep.png"
+OUT_MD = "rslora_rank.md"
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,46 @@ def plot(results: dict[str, Any], path: Path) -> None:
     common.save_figure(fig, path)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The study's tables (loss, accuracy, gradient norm, effective rank per rank; the lr sweep) as Markdown."""
+    out = []
+    for name, res in results.items():
+        part, by = res["part"], res["summary"]["by_method"]
+        with_eval = part["eval_limit"] is None or part["eval_limit"] > 1  # one gsm problem is no score
+        head = ["r", "s (α/r)", "final loss, α/r", "s (α/√r)", "final loss, α/√r"]
+        head += ["eval, α/r", "eval, α/√r"] if with_eval else []
+        head += ["grad, α/r", "grad, α/√r", "ratio", "eff. rank, α/r", "eff. rank, α/√r"]
+        out += [f"**{name}** ({part['model']}, {part['task'] or part['train_file']}, lr {part['lr']:g}, "
+                f"seeds {', '.join(map(str, part['seeds']))})", "", "| " + " | ".join(head) + " |",
+                "|" + "---|" * len(head)]
+        for a, b in zip(by["lora"]["rows"], by["rslora"]["rows"], strict=True):
+            ga, gb = a["adapter_grad_norm"]["mean"], b["adapter_grad_norm"]["mean"]
+            cells = [str(a["r"]), f"{a['scale_s']:.3g}", common.fmt_mean_std(a["final_loss"], 3),
+                     f"{b['scale_s']:.3g}", common.fmt_mean_std(b["final_loss"], 3)]
+            cells += [common.fmt_mean_std(a["eval"], 3), common.fmt_mean_std(b["eval"], 3)] if with_eval else []
+            cells += [f"{ga:.3g}", f"{gb:.3g}", f"{gb / ga:.1f}", common.fmt_mean_std(a["entropy_rank"], 1),
+                      common.fmt_mean_std(b["entropy_rank"], 1)]
+            out.append("| " + " | ".join(cells) + " |")
+        slopes = ", ".join(f"{SCALE_LABEL[m]} {by[m]['grad_norm_loglog_slope']:+.2f}" for m in METHODS)
+        out += ["", f"Log-log slope of the adapters' gradient norm against r: {slopes}.", ""]
+        sweep = res["summary"]["lr_sweep"]
+        if sweep:
+            lrs = sorted({pt["lr"] for pts in sweep.values() for pt in pts})
+            out += [f"Learning-rate sweep at r = {res['sweep_rank']}, seed {part['seeds'][0]} (final loss"
+                    + (", eval in brackets)" if with_eval else ")"), "", "| lr | α/r | α/√r |", "|---|---|---|"]
+            for lr in lrs:
+                cells = []
+                for method in METHODS:
+                    pt = next((x for x in sweep.get(method, []) if x["lr"] == lr), None)
+                    cell = "—" if pt is None else f"{pt['final_loss']['mean']:.3f}"
+                    if pt is not None and with_eval:
+                        cell += f" ({pt['eval']['mean']:.3f})"
+                    cells.append(cell)
+                out.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
 def plot_sweep(results: dict[str, Any], path: Path) -> bool:
     parts = [name for name in results if results[name]["summary"]["lr_sweep"]]
     if not parts:
@@ -478,8 +519,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""
-    out_json, out_fig, out_sweep = (args.out_dir / name.replace(".", f"{suffix}.", 1)
-                                    for name in (OUT_JSON, OUT_FIG, OUT_SWEEP_FIG))
+    out_json, out_fig, out_sweep, out_md = (args.out_dir / name.replace(".", f"{suffix}.", 1)
+                                            for name in (OUT_JSON, OUT_FIG, OUT_SWEEP_FIG, OUT_MD))
+    out_md.write_text(markdown(results) + "\n")
     plot(results, out_fig)
     figures = [str(out_fig)]
     if plot_sweep(results, out_sweep):
@@ -495,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runtime_s": time.perf_counter() - started,
     }
     common.save_json(out_json, data)
-    print(f"wrote {out_json} and {', '.join(figures)} in {data['runtime_s']:.0f} s", flush=True)
+    print(f"wrote {out_json}, {out_md} and {', '.join(figures)} in {data['runtime_s']:.0f} s", flush=True)
     return data
 
 

@@ -129,11 +129,19 @@ def c_variant(c: float) -> str:
     return "scalora" if c == 1.0 else f"scalora-c{c:g}"
 
 
+def lr_variant(method: str, mult: float) -> str:
+    """The variant name of `method` at `mult` × its task's learning rate."""
+    return method if mult == 1.0 else f"{method}-lr{mult:g}x"
+
+
+def lr_variants(methods: Sequence[str], mults: Sequence[float]) -> dict[str, dict[str, Any]]:
+    return {lr_variant(m, k): {"method": m, "_lr_mult": float(k)} for m in methods for k in mults if k != 1.0}
+
+
 # Controls (with --controls): is a gain of ScaLoRA more than a larger effective step? LoRA at 2× and 4× its
 # learning rate, and the moment-transfer ablation where the scales are far from 1 (c = 0.1).
 CONTROLS: dict[str, dict[str, Any]] = {
-    "lora-lr2x": {"method": "lora", "_lr_mult": 2.0},
-    "lora-lr4x": {"method": "lora", "_lr_mult": 4.0},
+    **lr_variants(["lora"], [2.0, 4.0]),
     "scalora-c0.1-no-moments": {"method": "scalora", "scalora_c": 0.1, "scalora_transfer_moments": False},
 }
 
@@ -152,13 +160,17 @@ def ablation_groups(c_grid: Sequence[float], controls: bool = False) -> dict[str
     return groups
 
 
-def ablation_variants(c_grid: Sequence[float], controls: bool = False) -> dict[str, dict[str, Any]]:
+def ablation_variants(c_grid: Sequence[float], controls: bool = False, methods: Sequence[str] = (),
+                      lr_grid: Sequence[float] = ()) -> dict[str, dict[str, Any]]:
+    """The ablation task's extra variants: ABLATIONS, the c grid, the controls, and every method in `methods` at
+    each learning-rate multiplier of `lr_grid`."""
     variants = dict(ABLATIONS)
     for c in (*c_grid, *((0.1,) if controls else ())):
         if c != 1.0:
             variants[c_variant(c)] = {"method": "scalora", "scalora_c": float(c)}
     if controls:
         variants.update(CONTROLS)
+    variants.update(lr_variants(methods, lr_grid))
     return variants
 
 
@@ -327,9 +339,10 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
         variants: dict[str, dict[str, Any]] = {m: {"method": m} for m in args.methods}
         if task == args.ablation_task and args.ablations:
             abl_seeds = args.ablation_seeds if args.ablation_seeds is not None else seeds
-            for name, overrides in ablation_variants(c_grid, args.controls).items():
+            for name, overrides in ablation_variants(c_grid, args.controls, args.methods, args.lr_grid).items():
                 variants.setdefault(name, {**overrides, "_seeds": abl_seeds})
-            for base in ("scalora", "scalora-i", "lora"):  # the references of the ablations and of time-to-target
+            # the references of the ablations, of time-to-target and of the learning-rate grid
+            for base in ("scalora", "scalora-i", "lora", *(args.methods if args.lr_grid else ())):
                 variants.setdefault(base, {"method": base, "_seeds": abl_seeds})
         for variant, spec in variants.items():
             overrides = {k: v for k, v in spec.items() if k != "_seeds"}
@@ -557,7 +570,25 @@ def assemble(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
                              if kinds else None})
             groups[group] = rows
 
+    # every method at each learning-rate multiplier (the ablation task, paired seeds)
+    lr_grid: dict[str, Any] = {}
+    for m in args.methods if args.lr_grid and task in results else ():
+        present = [(k, lr_variant(m, k)) for k in sorted({1.0, *args.lr_grid}) if (task, lr_variant(m, k)) in by]
+        if len(present) < 2:
+            continue
+        common = sorted(set.intersection(*({r.seed for r in by[(task, v)]} for _, v in present)))
+        rows = []
+        for k, variant in present:
+            rs = [r for r in by[(task, variant)] if r.seed in common]
+            em, es = mean_std([r.summary["eval"] for r in rs])
+            lm, ls = mean_std([final_loss(r.curves["loss"], window) for r in rs])
+            rows.append({"mult": k, "variant": variant, "lr": rs[0].cfg["lr"], "seeds": common, "n": len(rs),
+                         "eval_mean": em, "eval_std": es, "loss_mean": lm, "loss_std": ls})
+        lr_grid[m] = {"rows": rows, "best_mult_by_eval": max(rows, key=lambda r: r["eval_mean"])["mult"],
+                      "best_mult_by_loss": min(rows, key=lambda r: r["loss_mean"])["mult"]}
+
     return {"results": results, "time_to_target": ttt, "table": table_rows, "ablations": groups, "tasks": tasks,
+            "lr_grid": lr_grid,
             "curves": {r.key: r.curves for r in done},
             "failed": {r.key: r.error for r in runs if r.error}}
 
@@ -660,6 +691,23 @@ def markdown_tables(report: dict[str, Any], args: argparse.Namespace) -> dict[st
                              f"{fmt_ms(r['loss_mean'], r['loss_std'], r['n'], 1.0, 4)} | "
                              f"{r['rank_mean']:.1f} ({r['entropy_rank_mean']:.1f}) | {ratio} | {kinds_s} |")
         tables["ablations"] = "\n".join(lines)
+
+    if report["lr_grid"]:
+        t = args.ablation_task
+        mults = sorted({row["mult"] for x in report["lr_grid"].values() for row in x["rows"]})
+        lines = ["| method | " + " | ".join(f"lr × {k:g}" for k in mults)
+                 + " | best lr (by eval) | best lr (by train loss) |", "|" + "---|" * (len(mults) + 3)]
+        for m, x in report["lr_grid"].items():
+            at = {row["mult"]: row for row in x["rows"]}
+            cells = [f"{fmt_ms(at[k]['eval_mean'], at[k]['eval_std'], at[k]['n'])} ({at[k]['loss_mean']:.3f})"
+                     if k in at else "—" for k in mults]
+            best = {key: next(r for r in x["rows"] if r["mult"] == x[key]) for key in
+                    ("best_mult_by_eval", "best_mult_by_loss")}
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " | "
+                         + " | ".join(f"{b['lr']:g} → {100 * b['eval_mean']:.1f} %" for b in best.values()) + " |")
+        tables["lr_grid"] = (f"{t}: eval {metric.get(t, '')} (%) mean ± std over seeds "
+                             f"{', '.join(map(str, next(iter(report['lr_grid'].values()))['rows'][0]['seeds']))}, "
+                             "final training loss in brackets\n\n" + "\n".join(lines))
     return tables
 
 
@@ -749,6 +797,33 @@ def plot_rank(report: dict[str, Any], args: argparse.Namespace, path: Path) -> N
                  "base diag(a)·W0 − W0)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lr_grid(report: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    """Eval metric and final training loss of every method against its learning-rate multiplier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task = args.ablation_task
+    metric = next(iter(report["results"][task].values()))["metric"]
+    fig, (ax_e, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
+    for m, x in report["lr_grid"].items():
+        ks = [r["mult"] for r in x["rows"]]
+        ax_e.errorbar(ks, [100 * r["eval_mean"] for r in x["rows"]], yerr=[100 * r["eval_std"] for r in x["rows"]],
+                      marker="o", capsize=3, color=COLORS.get(m), label=LABELS.get(m, m))
+        ax_l.errorbar(ks, [r["loss_mean"] for r in x["rows"]], yerr=[r["loss_std"] for r in x["rows"]],
+                      marker="o", capsize=3, color=COLORS.get(m), label=LABELS.get(m, m))
+    for ax, title in ((ax_e, f"eval {metric} (%)"), (ax_l, "final training loss")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("learning rate × the task's default for the method")
+        ax.set_title(f"{task}: {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+    ax_e.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -984,6 +1059,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", action="store_true",
                    help="also run LoRA at 2x/4x lr and ScaLoRA c=0.1 without moment transfer (ablation task)")
     p.add_argument("--c-grid", type=float, nargs="+", default=list(DEFAULT_C_GRID), help="ScaLoRA c values")
+    p.add_argument("--lr-grid", type=float, nargs="+", default=[],
+                   help="on the ablation task, also run every method at these multiples of its learning rate "
+                        "(e.g. 0.5 2 4) and report each method at its best")
     p.add_argument("--window", type=int, default=WINDOW, help="running-mean window of the loss for time-to-target")
     p.add_argument("--steps", type=int, default=None, help="override every task's step count")
     p.add_argument("--model", default=None, help="override the model of every task (a local folder, for tests)")
@@ -1056,7 +1134,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "window": args.window, "c_grid": args.c_grid, "ablation_task": args.ablation_task,
         "threads": args.threads, "jobs": args.jobs,
         "results": report["results"], "table": report["table"], "time_to_target": report["time_to_target"],
-        "ablations": report["ablations"], "failed": report["failed"], "tables": tables,
+        "ablations": report["ablations"], "lr_grid": report["lr_grid"], "failed": report["failed"], "tables": tables,
         "runs": {k: c for k, c in report["curves"].items()},
         "run_wall_s": {r.key: round(r.summary["wall_time_s"], 2) for r in runs if r.summary},
         "environment": environment(), "runtime_s": time.perf_counter() - t0,
@@ -1067,6 +1145,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         plot_rank(report, args, args.out_dir / "scalora_study_rank.png")
         if report["ablations"]:
             plot_ablations(report, args, args.out_dir / "scalora_study_ablations.png")
+        if report["lr_grid"]:
+            plot_lr_grid(report, args, args.out_dir / "scalora_study_lr_grid.png")
     for name, text in tables.items():
         print(f"\n## {name}\n{text}")
     if report["failed"]:

@@ -40,7 +40,7 @@ def test_main_micro_writes_json_and_figures(tmp_path: Path, tiny_setup: tuple[Pa
     model, data = tiny_setup
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["--size", "micro", "--tasks", "sarcasm", "--methods", "lora,scalora", "--model", str(model),
-            "--train-file", str(data), "--jobs", "0", "--window", "3", "--c-grid", "1", "10",
+            "--train-file", str(data), "--jobs", "0", "--window", "3", "--c-grid", "1", "10", "--lr-grid", "4",
             "--work-dir", str(work), "--out-dir", str(out)]
     result = study.main(argv)
     saved = json.loads((out / "scalora_study.json").read_text())
@@ -53,8 +53,15 @@ def test_main_micro_writes_json_and_figures(tmp_path: Path, tiny_setup: tuple[Pa
     assert [r["setting"] for r in saved["ablations"]["c"]] == ["1", "10"]
     lora = saved["time_to_target"]["sarcasm"]["lora"]
     assert lora["reached"] == 1 and lora["seeds"][0]["step_ratio"] == pytest.approx(1.0)
-    assert {"results", "loss", "rank", "time_to_target", "ablations"} <= set(saved["tables"])
-    for name in ("scalora_study_curves.png", "scalora_study_rank.png", "scalora_study_ablations.png"):
+    assert {"results", "loss", "rank", "time_to_target", "ablations", "lr_grid"} <= set(saved["tables"])
+    # every method at 1× and 4× its learning rate, paired on the same seeds
+    assert set(saved["lr_grid"]) == {"lora", "scalora"}
+    for x in saved["lr_grid"].values():
+        assert [r["mult"] for r in x["rows"]] == [1.0, 4.0]
+        assert x["rows"][1]["lr"] == pytest.approx(4 * x["rows"][0]["lr"])
+        assert x["best_mult_by_eval"] in (1.0, 4.0) and x["best_mult_by_loss"] in (1.0, 4.0)
+    for name in ("scalora_study_curves.png", "scalora_study_rank.png", "scalora_study_ablations.png",
+                 "scalora_study_lr_grid.png"):
         assert (out / name).stat().st_size > 0, name
     # LoRA's accumulated update stays within rank r = 8
     assert saved["results"]["sarcasm"]["lora"]["rank_max"] <= 8
