@@ -71,7 +71,9 @@ def test_rslora_rank_main(tiny_assets, tmp_path) -> None:
     minilm, smol = saved["results"]["minilm"], saved["results"]["smollm2"]
     # the largest rank the tiny layers allow: BERT 32 (hidden), Llama 16 (2 KV heads x 8)
     assert minilm["ranks"] == [4, 32] and minilm["max_rank"] == 32
-    assert smol["ranks"] == [4] and smol["max_rank"] == 16  # the small size adds no max rank for SmolLM2
+    assert smol["ranks"] == [4, 16] and smol["max_rank"] == 16
+    tables = (out / rslora_rank.OUT_MD).read_text()
+    assert tables.count("| r | s (α/r) |") == 2 and "| 32 | " in tables and "| lr | α/r | α/√r |" in tables
     for res in (minilm, smol):
         by_method = res["summary"]["by_method"]
         assert set(by_method) == {"lora", "rslora"}
