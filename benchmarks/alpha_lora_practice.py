@@ -85,7 +85,7 @@ SIZES: dict[str, dict[str, Part]] = {
                         train_size=None, eval_size=None, eval_limit=200, seeds=(0, 1), lr=5e-4, r=8, lora_alpha=16.0,
                         alpha_every=2, alpha_lr=5e-3, alpha_holdout=256, base_eval=True),
     },
-    # about 1.5 h with --workers 2 on an idle 2-core machine (docs/results.md gives the arithmetic)
+    # about 1.1 h with --workers 2 on an idle 2-core machine (docs/results.md gives the arithmetic)
     "full": {
         "minilm": Part("minilm", "minilm", "sarcasm", None, steps=1000, batch_size=16, max_length=48,
                        train_size=16000, eval_size=2000, eval_limit=None, seeds=(0, 1, 2, 3, 4), lr=5e-4, r=8,

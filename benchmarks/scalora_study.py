@@ -489,6 +489,15 @@ def assemble(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
         if scal:
             entry["scaling_kinds"] = {k: statistics.fmean(x[k] for x in scal) for k in scal[0]}
         results.setdefault(task, {})[variant] = entry
+    # held-out loss minus LoRA's on the same seed (the same eval examples): the seeds' eval sets differ
+    for entries in results.values():
+        lora = entries.get("lora", {})
+        ref = dict(zip(lora["seeds"], lora["eval_loss"], strict=True)) if lora.get("eval_loss") else {}
+        for entry in entries.values():
+            held = zip(entry["seeds"], entry["eval_loss"], strict=True) if entry["eval_loss"] else ()
+            gaps = [v - ref[sd] for sd, v in held if sd in ref]
+            entry["eval_loss_gap_mean"], entry["eval_loss_gap_std"] = mean_std(gaps)
+            entry["eval_loss_gap_n"] = len(gaps)
 
     # time-to-target, per task and seed, against LoRA of the same seed
     ttt: dict[str, dict[str, Any]] = {}
@@ -620,8 +629,9 @@ def markdown_tables(report: dict[str, Any], args: argparse.Namespace) -> dict[st
 
     # held-out loss where the task reports one (generation tasks, whose exact match is coarse at this budget)
     held = [t for t in tasks if any(e["eval_loss"] for e in results[t].values())]
-    lines = ["| method | " + " | ".join([f"{t} final train loss" for t in tasks] + [f"{t} held-out loss" for t in held])
-             + " |", "|" + "---|" * (len(tasks) + len(held) + 1)]
+    lines = ["| method | " + " | ".join([f"{t} final train loss" for t in tasks] + [
+        f"{t} {name}" for t in held for name in ("held-out loss", "held-out − LoRA's (paired)")]) + " |",
+        "|" + "---|" * (len(tasks) + 2 * len(held) + 1)]
     for row in report["table"]:
         cells = []
         for t in tasks:
@@ -631,6 +641,8 @@ def markdown_tables(report: dict[str, Any], args: argparse.Namespace) -> dict[st
             e = results[t].get(row["method"])
             cells.append(fmt_ms(e["eval_loss_mean"], e["eval_loss_std"], len(e["eval_loss"]), 1.0, 4)
                          if e and e["eval_loss"] else "—")
+            cells.append(fmt_ms(e["eval_loss_gap_mean"], e["eval_loss_gap_std"], e["eval_loss_gap_n"], 1.0, 4)
+                         if e and e["eval_loss_gap_n"] else "—")
         lines.append(f"| {LABELS.get(row['method'], row['method'])} | " + " | ".join(cells) + " |")
     tables["loss"] = "\n".join(lines)
 
