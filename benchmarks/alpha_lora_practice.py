@@ -47,6 +47,7 @@ METHODS = ("lora", "alpha-lora", "alpha-frozen")
 FROZEN_ALPHA_LR = 1e-12
 OUT_JSON = "alpha_lora_practice.json"
 OUT_FIG = "alpha_lora_practice.png"
+OUT_MD = "alpha_lora_practice.md"
 PREFIX = "base_model.model."
 SUFFIX = ".alpha_vector"
 
@@ -308,6 +309,51 @@ def summarise(part: Part, runs: list[dict[str, Any]], base: list[dict[str, Any]]
     }
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The study's tables (accuracy, paired differences, training loss, the learned α by module type) as Markdown."""
+    label = {"lora": "LoRA", "alpha-lora": "α-LoRA", "alpha-frozen": "α-frozen (control)"}
+
+    def cell(stats: dict[str, Any] | None, signed: bool = False) -> str:
+        if not stats or stats["mean"] is None:
+            return "—"
+        fmt = "{:+.3f}" if signed else "{:.3f}"
+        seeds = ", ".join(fmt.format(v) for v in stats["values"])
+        spread = f" ± {stats['std']:.3f}" if stats["std"] is not None else ""
+        return f"{fmt.format(stats['mean'])}{spread} ({seeds})"
+
+    out = ["| part | " + " | ".join(label[m] for m in METHODS) + " | untrained |", "|" + "---|" * (len(METHODS) + 2)]
+    for name, res in results.items():
+        acc, part = res["summary"]["accuracy"], res["part"]
+        out.append(f"| {name}, {part['task']}, {len(part['seeds'])} seeds, {part['steps']} steps | "
+                   + " | ".join(cell(acc[m]) for m in METHODS) + f" | {cell(res['summary']['base_model'])} |")
+    out += ["", "| part | α-LoRA − LoRA | α-LoRA − α-frozen (learning α) | α-frozen − LoRA (holding data out) |"
+            " final train loss, " + " / ".join(label[m] for m in METHODS) + " |", "|---|---|---|---|---|"]
+    for name, res in results.items():
+        sm = res["summary"]
+        losses = " / ".join(f"{sm['final_train_loss'][m]['mean']:.3f}" for m in METHODS
+                            if sm["final_train_loss"][m]["mean"] is not None)
+        out.append(f"| {name} | {cell(sm['paired_difference_alpha_minus_lora'], True)} | "
+                   f"{cell(sm['paired_difference_alpha_minus_frozen'], True)} | "
+                   f"{cell(sm['paired_difference_frozen_minus_lora'], True)} | {losses} |")
+    out += ["", "| part | module | mean α | std, first layer | std, last layer | largest std (layer) | "
+            "std-vs-depth slope | min / max entry | seed agreement (r) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        sm = res["summary"]
+        agree = (sm["alpha_seed_agreement"] or {}).get("same_module_by_type", {})
+        for kind, x in sm["alpha_by_type"].items():
+            top = max(x["by_depth"], key=lambda e: e["std"])
+            lo = min(e["min"] for e in x["by_depth"])
+            hi = max(e["max"] for e in x["by_depth"])
+            r = f"{agree[kind]:.2f}" if kind in agree else "—"
+            out.append(f"| {name} | {kind} | {x['mean_over_layers']:.3f} | {x['std_first_layer']:.3f} | "
+                       f"{x['std_last_layer']:.3f} | {top['std']:.3f} ({top['depth']}) | "
+                       f"{x['std_vs_depth_slope']:+.4f} | {lo:.2f} / {hi:.2f} | {r} |")
+        ref = (sm["alpha_seed_agreement"] or {}).get("mismatched_modules_reference")
+        if ref is not None:
+            out.append(f"| {name} | (mismatched modules, no-signal reference) | | | | | | | {ref:.2f} |")
+    return "\n".join(out)
+
+
 def part_metric(runs: list[dict[str, Any]]) -> str:
     return runs[0]["metric"] if runs else "accuracy"
 
@@ -441,7 +487,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runtime_s": time.perf_counter() - started,
     }
     common.save_json(args.out_dir / OUT_JSON, data)
-    print(f"wrote {args.out_dir / OUT_JSON} and {args.out_dir / OUT_FIG} in {data['runtime_s']:.0f} s", flush=True)
+    (args.out_dir / OUT_MD).write_text(markdown(results) + "\n")
+    print(f"wrote {args.out_dir / OUT_JSON}, {args.out_dir / OUT_MD} and {args.out_dir / OUT_FIG} in "
+          f"{data['runtime_s']:.0f} s", flush=True)
     return data
 
 

@@ -107,6 +107,9 @@ def test_alpha_lora_practice_main(tiny_assets, tmp_path) -> None:
     alpha_lora_practice.main(argv)
     saved = json.loads((out / alpha_lora_practice.OUT_JSON).read_text())
     assert (out / alpha_lora_practice.OUT_FIG).stat().st_size > 0
+    tables = (out / alpha_lora_practice.OUT_MD).read_text()
+    assert "| α-LoRA − LoRA |" in tables and "seed agreement (r)" in tables
+    assert all(f"| {part}, " in tables for part in saved["results"])
     assert {"study", "command", "size", "environment", "settings", "results", "runtime_s", "figures"} <= set(saved)
     for name, n_types in (("minilm", 6), ("smollm2", 7)):
         res = saved["results"][name]
