@@ -112,7 +112,6 @@ SIZES: dict[str, dict[str, TaskSize]] = {
         "gsm": TaskSize(SMOLLM2, 8, 2, 64, (0,), 2e-3, 2e-4, 0, eval_limit=4, max_new_tokens=8, alpha_holdout=8),
     },
 }
-# the seed(s) the SmolLM2 tasks get when --seeds is not given; sarcasm gets its size's seeds
 WINDOW = 10
 
 # Ablation variants: name → (TrainConfig overrides, which group(s) and value they stand for).
