@@ -49,7 +49,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -57,9 +56,14 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:  # loaded from a test rather than run as a script
+    sys.path.insert(0, str(_HERE))
+
+import common  # noqa: E402
 
 METHODS = ("full", "lora", "rslora", "alpha-lora", "relora", "scalora", "scalora-i")
 CORE_METHODS = ("full", "lora", "scalora")
@@ -740,10 +744,7 @@ def _variant_curves(report: dict[str, Any], task: str, variant: str,
 
 
 def plot_curves(report: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     tasks = report["tasks"]
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.4 * len(tasks)), squeeze=False)
@@ -772,15 +773,11 @@ def plot_curves(report: dict[str, Any], args: argparse.Namespace, path: Path) ->
         ax_e.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def plot_rank(report: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     tasks = report["tasks"]
@@ -807,16 +804,12 @@ def plot_rank(report: dict[str, Any], args: argparse.Namespace, path: Path) -> N
     fig.suptitle("Rank of W − W_pretrained (mean of ≤ 12 layers; dotted: r = 8; α-LoRA's includes its rescaled "
                  "base diag(a)·W0 − W0)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def plot_lr_grid(report: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     """Eval metric and final training loss of every method against its learning-rate multiplier."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     task = args.ablation_task
     metric = next(iter(report["results"][task].values()))["metric"]
@@ -834,15 +827,11 @@ def plot_lr_grid(report: dict[str, Any], args: argparse.Namespace, path: Path) -
         ax.grid(alpha=0.3)
     ax_e.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def plot_ablations(report: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     groups = report["ablations"]
     task = args.ablation_task
@@ -885,8 +874,7 @@ def plot_ablations(report: dict[str, Any], args: argparse.Namespace, path: Path)
         ax_b.set_title(f"{task}: final eval {metric} (%)", fontsize=9)
         ax_b.set_xlabel(group)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1017,10 +1005,7 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot_cost(cost: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     methods = list(cost["summary"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -1034,8 +1019,7 @@ def plot_cost(cost: dict[str, Any], path: Path) -> None:
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1096,14 +1080,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def environment() -> dict[str, Any]:
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpus": os.cpu_count(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.worker is not None:
@@ -1117,9 +1093,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     if args.cost:
         cost = run_cost(args)
-        cost.update(command=" ".join(["python", "benchmarks/scalora_study.py",
-                                      *(argv if argv is not None else sys.argv[1:])]),
-                    environment=environment(), runtime_s=time.perf_counter() - t0)
+        cost.update(command=common.command_line(__file__, argv),
+                    environment=common.environment(), runtime_s=time.perf_counter() - t0)
         (args.out_dir / "scalora_study_cost.json").write_text(json.dumps(cost, indent=1) + "\n")
         plot_cost(cost, args.out_dir / "scalora_study_cost.png")
         print(cost["table"])
@@ -1139,7 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "training loss, rank of the accumulated update, ablations",
         "size": args.size, "sizes": {t: {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}
                                      for t, s in sizes.items()},
-        "command": " ".join(["python", "benchmarks/scalora_study.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": common.command_line(__file__, argv),
         "overrides": {"model": args.model, "train_file": str(args.train_file) if args.train_file else None,
                       "steps": args.steps},
         "window": args.window, "c_grid": args.c_grid, "ablation_task": args.ablation_task,
@@ -1148,7 +1123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ablations": report["ablations"], "lr_grid": report["lr_grid"], "failed": report["failed"], "tables": tables,
         "runs": {k: c for k, c in report["curves"].items()},
         "run_wall_s": {r.key: round(r.summary["wall_time_s"], 2) for r in runs if r.summary},
-        "environment": environment(), "runtime_s": time.perf_counter() - t0,
+        "environment": common.environment(), "runtime_s": time.perf_counter() - t0,
     }
     (args.out_dir / "scalora_study.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     if report["tasks"]:
