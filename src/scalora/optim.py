@@ -21,13 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from scalora.directions import next_direction, scale_invariant
 from scalora.errors import ConfigError
 from scalora.layers import LoraLayer
 from scalora.moments import check_transformable, scale_moments
-from scalora.solver import COLUMN, IDENTITY, SCALAR, solve_scales
+from scalora.solver import COLUMN, IDENTITY, SCALAR, Scales, optimizer_system, solve_scales, solve_system
 from scalora.wrapper import OptimizerWrapper
 
 MODES = ("column", "scalar")
+RULES = ("optimizer", "paper")
+#: second- to first-order ratio of the next step that ``c="auto"`` allows (benchmarks/rank_decides.py measures it)
+DEFAULT_TAU = 0.3
 
 
 @dataclass
@@ -57,7 +61,13 @@ class ScaLoRA(OptimizerWrapper):
             their moments transform exactly; others are refused).
         interval: rescale every `interval` optimiser steps (ScaLoRA-I); steps are counted from 1, so a run shorter
             than `interval` is plain LoRA.
-        c: the hyperparameter c = L·η of the scaling problem (larger c → smaller scales).
+        rule: ``"optimizer"`` (default) fits the step the wrapped optimiser will actually take (Adam's step is
+            linear in the scales); ``"paper"`` is the published closed form, which assumes a plain gradient step.
+        c: c = L·η of the scaling problem (larger c → smaller scales), or ``"auto"``: per layer and step, the largest
+            c at which the next step's second-order term stays ``tau`` times its first-order term
+            (`scalora.solver.auto_c`). Default: ``"auto"`` for the optimiser-aware rule with Adam-type optimisers,
+            1.0 otherwise (the paper's setting).
+        tau: the ratio of second- to first-order change that ``c="auto"`` allows.
         mode: ``"column"`` (per-column scales, scalar fallback) or ``"scalar"`` (one scale per factor).
         transfer_moments: transform the optimiser's moments with the scales (the paper's ablation turns it off).
         compensate: carry rounding error of folds into half-precision base weights (default: when the base is
@@ -73,24 +83,41 @@ class ScaLoRA(OptimizerWrapper):
         optimizer: torch.optim.Optimizer,
         *,
         interval: int = 1,
-        c: float = 1.0,
+        rule: str = "optimizer",
+        c: float | str | None = None,
+        tau: float = DEFAULT_TAU,
         mode: str = "column",
         transfer_moments: bool = True,
         compensate: bool | None = None,
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ConfigError(f"interval must be a positive integer, got {interval!r}.")
-        if not (isinstance(c, (int, float)) and c > 0 and math.isfinite(c)):
-            raise ConfigError(f"c must be a positive number, got {c!r}.")
+        if rule not in RULES:
+            raise ConfigError(f"rule must be one of {RULES}, got {rule!r}.")
+        if not (c is None or c == "auto" or (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0
+                                             and math.isfinite(c))):
+            raise ConfigError(f"c must be a positive number or 'auto', got {c!r}.")
+        if not (isinstance(tau, (int, float)) and 0 < tau < math.inf):
+            raise ConfigError(f"tau must be a positive number, got {tau!r}.")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
         super().__init__(model, optimizer)
         check_transformable(optimizer)
+        self.power = 2
+        if rule == "optimizer":
+            self.power = 1 if scale_invariant(optimizer) else 2
+        if c is None:
+            c = "auto" if self.power == 1 else 1.0
+        if c == "auto" and self.power != 1:
+            raise ConfigError("c='auto' needs the optimiser-aware rule with an Adam-type optimiser (its step does not "
+                              "depend on the size of the factors); pass a number c.")
         for name, layer in self.layers:
             if layer.alpha_vector is not None:
                 raise ConfigError(f"layer {name!r} has an α vector: ScaLoRA and α-LoRA cannot be combined.")
         self.interval = interval
-        self.c = float(c)
+        self.rule = rule
+        self.c: float | str = c if c == "auto" else float(c)
+        self.tau = float(tau)
         self.mode = mode
         self.transfer_moments = transfer_moments
         self.identity_total = 0
@@ -101,7 +128,8 @@ class ScaLoRA(OptimizerWrapper):
                 layer.enable_compensation()
 
     def __repr__(self) -> str:
-        return (f"ScaLoRA(interval={self.interval}, c={self.c}, mode={self.mode!r}, "
+        return (f"ScaLoRA(interval={self.interval}, rule={self.rule!r}, c={self.c!r}, tau={self.tau}, "
+                f"mode={self.mode!r}, "
                 f"transfer_moments={self.transfer_moments}, optimizer={self.optimizer!r})")
 
     def before_step(self) -> None:
@@ -119,15 +147,7 @@ class ScaLoRA(OptimizerWrapper):
             groups[key].append(layer)
         kinds, alphas, betas = [], [], []
         for layers in groups.values():
-            scales = solve_scales(
-                torch.stack([layer.lora_A for layer in layers]),
-                torch.stack([layer.lora_B for layer in layers]),
-                torch.stack([layer.lora_A.grad for layer in layers]),
-                torch.stack([layer.lora_B.grad for layer in layers]),
-                scaling=torch.tensor([layer.scaling for layer in layers], dtype=torch.float64),
-                c=self.c,
-                mode=self.mode,
-            )
+            scales = self._solve(layers)
             for i, layer in enumerate(layers):
                 if int(scales.kind[i]) != IDENTITY:
                     self._apply(layer, scales.alpha[i], scales.beta[i])
@@ -136,6 +156,29 @@ class ScaLoRA(OptimizerWrapper):
             betas.append(scales.beta.flatten())
         self.last_stats = self._stats(kinds, alphas, betas)
         return self.last_stats
+
+    def _solve(self, layers: list[LoraLayer]) -> Scales:
+        """The scales of layers of one shape, by the paper's rule or from the wrapped optimiser's next step."""
+        A = torch.stack([layer.lora_A for layer in layers])
+        B = torch.stack([layer.lora_B for layer in layers])
+        grad_A = torch.stack([layer.lora_A.grad for layer in layers])
+        grad_B = torch.stack([layer.lora_B.grad for layer in layers])
+        scaling = torch.tensor([layer.scaling for layer in layers], dtype=torch.float64)
+        if self.rule == "paper":
+            return solve_scales(A, B, grad_A, grad_B, scaling=scaling, c=self.c, mode=self.mode)
+        group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
+        dirs_A, dirs_B, lrs = [], [], []
+        for layer in layers:
+            group_A, group_B = group_of[id(layer.lora_A)], group_of[id(layer.lora_B)]
+            dirs_A.append(next_direction(self.optimizer, group_A, layer.lora_A))
+            # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
+            ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
+            dirs_B.append(next_direction(self.optimizer, group_B, layer.lora_B) * ratio)
+            lrs.append(group_A["lr"])
+        H, lam, second = optimizer_system(A, B, grad_A, grad_B, torch.stack(dirs_A), torch.stack(dirs_B))
+        lr = lrs[0] if all(x == lrs[0] for x in lrs) else torch.tensor(lrs, dtype=H.dtype, device=H.device)
+        return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second, lr=lr,
+                            tau=self.tau)
 
     def _apply(self, layer: LoraLayer, alpha: torch.Tensor, beta: torch.Tensor) -> None:
         """Merge s·B diag(1 − α⊙β) A into W0, then B ← B diag(α), A ← diag(β) A, and their gradients and moments."""
@@ -167,7 +210,8 @@ class ScaLoRA(OptimizerWrapper):
 
     # ------------------------------------------------------------------ checkpoints
     def settings(self) -> dict[str, Any]:
-        return {"interval": self.interval, "c": self.c, "mode": self.mode, "transfer_moments": self.transfer_moments}
+        return {"interval": self.interval, "rule": self.rule, "c": self.c, "tau": self.tau, "mode": self.mode,
+                "transfer_moments": self.transfer_moments}
 
     def extra_state(self) -> dict[str, Any]:
         return {"identity_total": self.identity_total}

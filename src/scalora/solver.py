@@ -18,6 +18,20 @@ exact quadratic in v that needs only r × r Gram products, never an out × in ma
 H is positive semi-definite (a Schur product of two Gram matrices) and, for true gradients, λ lies in its range, so
 the minimum over v ≥ 0 is finite. The scales are α = sqrt(v[:r] / (c s²)), β = sqrt(v[r:] / (c s²)).
 
+**The optimiser-aware system** (``docs/scalora.md`` derives it). The paper's model assumes the next step is a plain
+gradient step. The wrapped optimiser actually moves B̃ by −η U_B and Ã by −η U_A, where U is its own direction; with
+the moments transformed, Adam's U is unchanged by the rescaling (m and √v scale alike), so the first-order change
+
+    ΔW = −η s (U_B diag(β) A + B diag(α) U_A)
+
+is *linear* in u = [α; β]. Fitting it to −G/L gives the same quadratic with the Gram blocks of the directions:
+
+    H = [ (BᵀB) ⊙ (U_A U_Aᵀ)       (Bᵀ U_B) ⊙ (U_A Aᵀ) ]      λ = [ rowdot(grad_A, U_A) ; coldot(grad_B, U_B) ]
+        [ (U_Bᵀ B) ⊙ (A U_Aᵀ)       (U_Bᵀ U_B) ⊙ (A Aᵀ)  ]
+
+and u = v / (c s²) (power 1). With U = the gradient (plain SGD) it *is* the paper's system, whose variables are the
+squared scales (power 2): one function builds both.
+
 Everything here is batched over a leading layer dimension n and costs O(n ((in + out) r² + r³)).
 """
 
@@ -33,8 +47,10 @@ __all__ = [
     "IDENTITY",
     "SCALAR",
     "Scales",
+    "auto_c",
     "degenerate_mask",
     "objective",
+    "optimizer_system",
     "scales_from_v",
     "scaling_system",
     "solve_scales",
@@ -102,33 +118,61 @@ def _per_layer(x: float | Tensor, n: int, dtype: torch.dtype, device: torch.devi
 # the system
 
 
+def optimizer_system(
+    A: Tensor,
+    B: Tensor,
+    grad_A: Tensor,
+    grad_B: Tensor,
+    dir_A: Tensor,
+    dir_B: Tensor,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """H (n, 2r, 2r), λ (n, 2r) and ‖dir_B dir_A‖²_F (n,) of the optimiser-aware fit, from r × r Gram products only.
+
+    A, grad_A, dir_A: (n, r, in); B, grad_B, dir_B: (n, out, r) (2-D inputs give unbatched results). The optimiser
+    will move B by −η·dir_B and A by −η·dir_A; with seven batched r × r Gram products
+
+        H = [ (BᵀB) ⊙ (dir_A dir_Aᵀ)        (Bᵀ dir_B) ⊙ (dir_A Aᵀ) ]     λ = [ rowdot(grad_A, dir_A) ;
+            [ (dir_Bᵀ B) ⊙ (A dir_Aᵀ)   (dir_Bᵀ dir_B) ⊙ (A Aᵀ)     ]           coldot(grad_B, dir_B) ],
+
+    and ‖dir_B dir_A‖²_F = Σ (dir_Bᵀ dir_B) ⊙ (dir_A dir_Aᵀ), the size of the second-order term s η² dir_B dir_A.
+    Cost O(n (in + out) r²); never an out × in matrix. H is symmetrised, ½(H + Hᵀ). Computed in ``dtype``: float64
+    if any input is float64, else float32 (bf16 / fp16 inputs are upcast).
+    """
+    A, B, grad_A, grad_B, batched = _batch(A, B, grad_A, grad_B)
+    dir_A, dir_B, _, _, _ = _batch(dir_A, dir_B, dir_A, dir_B)
+    if dir_A.shape != A.shape or dir_B.shape != B.shape:
+        raise ValueError(f"direction shapes {tuple(dir_A.shape)}, {tuple(dir_B.shape)} differ from "
+                         f"parameter shapes {tuple(A.shape)}, {tuple(B.shape)}")
+    dt = _compute_dtype(dtype, A, B, grad_A, grad_B, dir_A, dir_B)
+    A, B, grad_A, grad_B = A.to(dt), B.to(dt), grad_A.to(dt), grad_B.to(dt)
+    dir_A, dir_B = dir_A.to(dt), dir_B.to(dt)
+    BB, BuB, uBuB = B.mT @ B, B.mT @ dir_B, dir_B.mT @ dir_B
+    AA, AuA, uAuA = A @ A.mT, A @ dir_A.mT, dir_A @ dir_A.mT
+    H12 = BuB * AuA.mT
+    H = torch.cat([torch.cat([BB * uAuA, H12], dim=-1), torch.cat([H12.mT, uBuB * AA], dim=-1)], dim=-2)
+    H = 0.5 * (H + H.mT)
+    lam = torch.cat([(grad_A * dir_A).sum(-1), (grad_B * dir_B).sum(-2)], dim=-1)
+    second = (uBuB * uAuA).sum((-2, -1))
+    if not batched:
+        return H[0], lam[0], second[0]
+    return H, lam, second
+
+
 def scaling_system(
     A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
-    """H (n, 2r, 2r) and λ (n, 2r) of METHODS §3, from r × r Gram products only.
+    """H (n, 2r, 2r) and λ (n, 2r) of the paper's rule: :func:`optimizer_system` with the gradients as directions.
 
-    A, grad_A: (n, r, in); B, grad_B: (n, out, r) (2-D inputs give 2-D / 1-D results). In PEFT layout
-    (P = B, Q = Aᵀ, g_P = grad_B, g_Q = grad_Aᵀ), with six batched r × r Gram products:
+    In PEFT layout (P = B, Q = Aᵀ, g_P = grad_B, g_Q = grad_Aᵀ):
 
         H = [ (BᵀB) ⊙ (grad_A grad_Aᵀ)        (Bᵀ grad_B) ⊙ (grad_A Aᵀ) ]     λ = [ diag(grad_A grad_Aᵀ) ;
             [ (grad_Bᵀ B) ⊙ (A grad_Aᵀ)   (grad_Bᵀ grad_B) ⊙ (A Aᵀ)     ]           diag(grad_Bᵀ grad_B) ].
 
-    Cost O(n (in + out) r²). Six products on the factors as they are: concatenating [B, grad_B] and [A; grad_A]
-    into one Gram each costs a copy of every factor and a third more multiply-adds (the redundant off-diagonal
-    block), and measured slower (benchmarks/solver_cost.py). H is symmetrised, ½(H + Hᵀ). Computed in ``dtype``:
-    float64 if any input is float64, else float32 (bf16 / fp16 inputs are upcast).
+    Six products on the factors as they are: concatenating [B, grad_B] and [A; grad_A] into one Gram each costs a
+    copy of every factor and a third more multiply-adds, and measured slower (benchmarks/solver_cost.py).
     """
-    A, B, grad_A, grad_B, batched = _batch(A, B, grad_A, grad_B)
-    dt = _compute_dtype(dtype, A, B, grad_A, grad_B)
-    A, B, grad_A, grad_B = A.to(dt), B.to(dt), grad_A.to(dt), grad_B.to(dt)
-    BB, BgB, gBgB = B.mT @ B, B.mT @ grad_B, grad_B.mT @ grad_B
-    AA, AgA, gAgA = A @ A.mT, A @ grad_A.mT, grad_A @ grad_A.mT
-    H12 = BgB * AgA.mT
-    H = torch.cat([torch.cat([BB * gAgA, H12], dim=-1), torch.cat([H12.mT, gBgB * AA], dim=-1)], dim=-2)
-    H = 0.5 * (H + H.mT)
-    lam = torch.cat([gAgA.diagonal(dim1=-2, dim2=-1), gBgB.diagonal(dim1=-2, dim2=-1)], dim=-1)
-    if not batched:
-        return H[0], lam[0]
+    H, lam, _ = optimizer_system(A, B, grad_A, grad_B, grad_A, grad_B, dtype=dtype)
     return H, lam
 
 
@@ -148,8 +192,16 @@ def v_from_scales(alpha: Tensor, beta: Tensor, scaling: float | Tensor, c: float
     return cs2 * torch.cat([alpha.square(), beta.square()], dim=-1)
 
 
-def scales_from_v(v: Tensor, scaling: float | Tensor, c: float | Tensor) -> tuple[Tensor, Tensor]:
-    """α = sqrt(v[:r] / (c s²)), β = sqrt(v[r:] / (c s²)) for v (…, 2r) ≥ 0 (the inverse of :func:`v_from_scales`)."""
+def scales_from_v(
+    v: Tensor, scaling: float | Tensor, c: float | Tensor, power: int = 2
+) -> tuple[Tensor, Tensor]:
+    """The scales from v (…, 2r) ≥ 0: [α; β] = (v / (c s²))^(1/power) (the inverse of :func:`v_from_scales`).
+
+    ``power=2``: the paper's rule, whose variables are the squared scales; ``power=1``: the optimiser-aware rule
+    for scale-invariant optimisers (Adam), whose step is linear in the scales. ``c`` may also be a tensor (…,).
+    """
+    if power not in (1, 2):
+        raise ValueError(f"power must be 1 or 2, got {power!r}")
     cs2 = (
         torch.as_tensor(c, dtype=v.dtype, device=v.device)
         * torch.as_tensor(scaling, dtype=v.dtype, device=v.device) ** 2
@@ -157,8 +209,36 @@ def scales_from_v(v: Tensor, scaling: float | Tensor, c: float | Tensor) -> tupl
     if cs2.dim() > 0:
         cs2 = cs2.unsqueeze(-1)
     r = v.shape[-1] // 2
-    w = torch.sqrt(v / cs2)
+    w = v / cs2
+    if power == 2:
+        w = torch.sqrt(w)
     return w[..., :r], w[..., r:]
+
+
+def auto_c(H: Tensor, v: Tensor, second: Tensor, scaling: float | Tensor, lr: float | Tensor, tau: float) -> Tensor:
+    """The largest c at which the next step stays first-order accurate: (n,) per layer, optimiser-aware rule.
+
+    Under Adam the first-order change of W is −η s Σ_k u_k K_k with u = v / (c s²), of norm (η / (c s))·sqrt(vᵀHv);
+    the second-order term s η² U_B U_A does not depend on the scales, its norm is s η ‖U_B U_A‖_F = s η sqrt(second)
+    times η. Smaller factors (larger c) hand more of the adapter to W0 each step, until the second-order term
+    dominates. Holding its ratio to the first-order term at ``tau`` gives
+
+        c = tau · sqrt(vᵀ H v) / (η s² ‖U_B U_A‖_F),
+
+    so the factors keep the smallest size at which the step is still the one that was fitted. Layers where the
+    bound says nothing (‖U_B U_A‖ = 0, e.g. B = 0 at the first step, or vᵀHv = 0) get c = inf: the caller maps
+    them to the identity.
+    """
+    if not (0 < tau < float("inf")):
+        raise ValueError(f"tau must be positive and finite, got {tau}")
+    dt = v.dtype
+    first = (v.unsqueeze(-2) @ H @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1).clamp_min(0.0).sqrt()
+    s2 = scaling**2 if isinstance(scaling, (int, float)) else scaling.to(dt).square()
+    eta = lr if isinstance(lr, (int, float)) else lr.to(dt)
+    denom = second.to(dt).clamp_min(0.0).sqrt() * s2 * eta
+    ok = (denom > 0) & (first > 0)
+    inf = torch.full_like(first, float("inf"))
+    return torch.where(ok, tau * first / torch.where(ok, denom, torch.ones_like(denom)), inf)
 
 
 def degenerate_mask(H: Tensor, lam: Tensor, eps: float = 1e-6) -> Tensor:
@@ -286,11 +366,24 @@ def solve_system(
     H: Tensor,
     lam: Tensor,
     scaling: float | Tensor,
-    c: float | Tensor,
+    c: float | Tensor | str,
     mode: str = "column",
     eps: float = 1e-6,
+    *,
+    power: int = 2,
+    second: Tensor | None = None,
+    lr: float | Tensor | None = None,
+    tau: float = 0.3,
 ) -> Scales:
-    """Scales from a given system (H (n, 2r, 2r), λ (n, 2r)); see :func:`solve_scales` for the rules."""
+    """Scales from a given system (H (n, 2r, 2r), λ (n, 2r)); see :func:`solve_scales` for the rules.
+
+    ``power`` maps v to the scales (:func:`scales_from_v`). ``c="auto"`` picks c per layer with :func:`auto_c`
+    from ``second`` (n,) = ‖dir_B dir_A‖²_F, the learning rate ``lr`` and ``tau``; a layer where it is undefined
+    keeps the identity.
+    """
+    auto = isinstance(c, str)
+    if auto and (c != "auto" or second is None or lr is None):
+        raise ValueError(f"c must be a positive number or 'auto' (with second= and lr=), got {c!r}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if not eps >= 0:
@@ -305,7 +398,7 @@ def solve_system(
         raise ValueError(f"H {tuple(H.shape)} and λ {tuple(lam.shape)} are not (n, 2r, 2r) and (n, 2r)")
     r = m // 2
     dt, dev = H.dtype, H.device
-    cs2 = _per_layer(c, n, dt, dev, "c") * _per_layer(scaling, n, dt, dev, "scaling").square()
+    s2 = _per_layer(scaling, n, dt, dev, "scaling").square()
 
     finite = torch.isfinite(H).all(-1).all(-1) & torch.isfinite(lam).all(-1)
     eye = torch.eye(m, dtype=dt, device=dev)
@@ -325,11 +418,15 @@ def solve_system(
         col_ok = torch.zeros(n, dtype=torch.bool, device=dev)
         v = v_s
 
-    alpha, beta = scales_from_v(v, 1.0, cs2.squeeze(-1))
+    if auto:
+        c_n = auto_c(H, v, second.reshape(n), s2.squeeze(-1).sqrt(), lr, tau)
+    else:
+        c_n = _per_layer(c, n, dt, dev, "c").squeeze(-1)
+    alpha, beta = scales_from_v(v, 1.0, c_n * s2.squeeze(-1), power=power)
     ones = torch.ones_like(alpha)
     alpha = torch.where(deg[:, :r], ones, alpha)
     beta = torch.where(deg[:, r:], ones, beta)
-    ident = ~finite | ~any_free | ~(torch.isfinite(alpha).all(-1) & torch.isfinite(beta).all(-1))
+    ident = ~finite | ~any_free | ~torch.isfinite(c_n) | ~(torch.isfinite(alpha).all(-1) & torch.isfinite(beta).all(-1))
     alpha = torch.where(ident[:, None], ones, alpha)
     beta = torch.where(ident[:, None], ones, beta)
     kind = torch.full((n,), SCALAR, dtype=torch.int64, device=dev)
