@@ -42,7 +42,10 @@ def next_direction(optimizer: torch.optim.Optimizer, group: dict, param: torch.T
         if group["weight_decay"] and not group.get("decoupled_weight_decay", False):
             grad = grad.add(param, alpha=group["weight_decay"])  # Adam's L2 term enters the moments
         beta1, beta2 = group["betas"]
-        step = state["step"] + 1.0 if "step" in state else 1.0  # a tensor stays a tensor: no host sync
+        step = state.get("step", 0.0)
+        if isinstance(step, torch.Tensor):  # float32 on the host (bias corrections need float64), or on the device
+            step = float(step) if step.device.type == "cpu" else step.to(torch.float64)  # no device sync
+        step = step + 1.0
         m = state["exp_avg"] * beta1 + grad * (1.0 - beta1) if "exp_avg" in state else grad * (1.0 - beta1)
         v = (state["exp_avg_sq"] * beta2 if "exp_avg_sq" in state else torch.zeros_like(grad)).addcmul_(
             grad, grad, value=1.0 - beta2)

@@ -1,0 +1,311 @@
+"""Where rank decides: a planted teacher that LoRA r = 4 cannot reach and full fine-tuning can.
+
+Problem (the "teacher" arm). A "pre-trained" MLP 64 → 256 → 256 → 64 (GELU, seeded random weights) and a teacher,
+the same network with every weight moved by a full-rank perturbation W + D, D ~ N(0, 1/in) (as large as W itself).
+The student starts at the pre-trained network and is trained towards the teacher on fresh inputs x ~ N(0, I) each
+step (batch 128, mean squared error); the loss reported is the held-out one on 4 096 fixed inputs, divided by its
+value at the start, so every run starts at 1. An adapter of rank r can move each weight by rank r only: LoRA r = 4
+stops at its rank floor while full fine-tuning goes on. **Gate:** full fine-tuning must end ≤ 0.1× LoRA r = 4's
+loss, or the arm cannot decide anything (checked and reported).
+
+Methods: full fine-tuning; LoRA r = 4, 16, 64; ReLoRA r = 4 (merge and restart every `reset_every` steps); and at
+r = 4 ScaLoRA and ScaLoRA-I (interval 10) at their defaults (the optimiser-aware rule, ``c="auto"``) and with the
+paper's rule (c = 1). All use AdamW (no weight decay, constant learning rate). Each method's learning rate is tuned
+on the tuning seeds over a grid wide enough that the best point is interior (checked and reported), then the held-out
+seeds are run at that learning rate. Reported per method: final loss (mean ± std over held-out seeds, and each seed's
+ratio to tuned LoRA r = 4 on the same seed), the steps and seconds each run needs to reach tuned LoRA r = 4's final
+loss, and the effective rank of the accumulated update W − W_pretrained of the middle layer over training. An
+ablation sweeps τ (the second-order ratio behind ``c="auto"``) at ScaLoRA's tuned learning rate.
+
+Run ``python benchmarks/rank_decides.py --help``; ``--size small`` takes minutes, ``--size full`` about an hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from scalora import LoraConfig, apply_lora  # noqa: E402
+from scalora.optim import ScaLoRA  # noqa: E402
+from scalora.rank import accumulated_updates, effective_rank, snapshot_base_weights  # noqa: E402
+from scalora.relora import ReLoRA  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WIDTHS = (64, 256, 256, 64)
+PERTURBATION = 0.3  # D ~ N(0, PERTURBATION² / in)
+TRACKED = "2"  # the middle layer (256 × 256), whose accumulated update's rank is tracked
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the study: adapter rank (0 = full fine-tuning) and how its optimiser is wrapped."""
+
+    name: str
+    label: str
+    r: int
+    wrapper: str = "none"  # "none", "scalora", "relora"
+    options: tuple[tuple[str, object], ...] = ()
+
+
+METHODS = (
+    Method("full", "full fine-tuning", 0),
+    Method("lora-r4", "LoRA r=4", 4),
+    Method("lora-r16", "LoRA r=16", 16),
+    Method("lora-r64", "LoRA r=64", 64),
+    Method("relora", "ReLoRA r=4", 4, "relora"),
+    Method("scalora", "ScaLoRA r=4 (defaults)", 4, "scalora"),
+    Method("scalora-i", "ScaLoRA-I r=4 (defaults, I=10)", 4, "scalora", (("interval", 10),)),
+    Method("scalora-paper", "ScaLoRA r=4 (paper rule, c=1)", 4, "scalora", (("rule", "paper"),)),
+    Method("scalora-paper-i", "ScaLoRA-I r=4 (paper rule, c=1, I=10)", 4, "scalora",
+           (("rule", "paper"), ("interval", 10))),
+)
+BY_NAME = {m.name: m for m in METHODS}
+REFERENCE = "lora-r4"
+
+
+@dataclass(frozen=True)
+class Size:
+    steps: int
+    eval_every: int
+    lrs: tuple[float, ...]
+    tune_seeds: tuple[int, ...]
+    report_seeds: tuple[int, ...]
+    taus: tuple[float, ...]
+    reset_every: int
+
+
+SIZES = {
+    "small": Size(steps=600, eval_every=50, lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), tune_seeds=(0,),
+                  report_seeds=(2, 3), taus=(0.1, 0.3, 1.0), reset_every=50),
+    "full": Size(steps=2000, eval_every=100, lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), tune_seeds=(0, 1),
+                 report_seeds=(2, 3, 4, 5, 6), taus=(0.03, 0.1, 0.3, 1.0, 3.0), reset_every=200),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the problem
+
+
+def mlp(seed: int) -> nn.Sequential:
+    """The "pre-trained" network: seeded random weights (Kaiming-uniform, as nn.Linear initialises them)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(WIDTHS) - 2:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+def teacher_of(student: nn.Sequential, seed: int) -> nn.Sequential:
+    """The student with every weight moved by a full-rank Gaussian D ~ N(0, 1/in)."""
+    teacher = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for layer in teacher:
+            if isinstance(layer, nn.Linear):
+                scale = PERTURBATION / math.sqrt(layer.in_features)
+                layer.weight.add_(torch.randn(layer.weight.shape, generator=g) * scale)
+    return teacher.requires_grad_(False)
+
+
+def make_optimizer(method: Method, model: nn.Module, lr: float, size: Size, tau: float | None) -> torch.optim.Optimizer:
+    if method.r == 0:
+        model.requires_grad_(True)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    targets = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
+    apply_lora(model, LoraConfig(r=method.r, lora_alpha=2 * method.r, target_modules=targets, use_rslora=False))
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    options = dict(method.options)
+    if tau is not None:
+        options["tau"] = tau
+    if method.wrapper == "scalora":
+        return ScaLoRA(model, inner, **options)
+    if method.wrapper == "relora":
+        return ReLoRA(model, inner, reset_every=size.reset_every)
+    return inner
+
+
+def train(method_name: str, lr: float, seed: int, size_name: str, tau: float | None = None) -> dict[str, object]:
+    """One run: held-out loss (relative to the start) and the tracked layer's update rank every `eval_every` steps."""
+    common.set_threads(1)
+    size, method = SIZES[size_name], BY_NAME[method_name]
+    student = mlp(seed)
+    teacher = teacher_of(student, seed)
+    g_eval = torch.Generator().manual_seed(20_000 + seed)
+    x_eval = torch.randn(4096, WIDTHS[0], generator=g_eval)
+    y_eval = teacher(x_eval)
+    with torch.no_grad():
+        start_loss = float((student(x_eval) - y_eval).square().mean())
+    opt = make_optimizer(method, student, lr, size, tau)
+    pretrained = snapshot_base_weights(student) if method.r else {
+        TRACKED: student[int(TRACKED)].weight.detach().clone()}
+    g = torch.Generator().manual_seed(30_000 + seed)
+    curve: list[dict[str, float]] = []
+    train_time = 0.0
+
+    def evaluate(step: int) -> float:
+        with torch.no_grad():
+            loss = float((student(x_eval) - y_eval).square().mean()) / start_loss
+            if method.r:
+                update = accumulated_updates(student, pretrained)[TRACKED]
+            else:
+                update = student[int(TRACKED)].weight.detach().double() - pretrained[TRACKED].double()
+        curve.append({"step": step, "loss": loss, "rank": effective_rank(update).rank, "time_s": train_time})
+        return loss
+
+    evaluate(0)
+    for step in range(1, size.steps + 1):
+        x = torch.randn(128, WIDTHS[0], generator=g)
+        t0 = time.perf_counter()
+        loss = (student(x) - teacher(x)).square().mean() / start_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        train_time += time.perf_counter() - t0
+        if (step % size.eval_every == 0 or step == size.steps) and not math.isfinite(evaluate(step)):
+            break
+    final = curve[-1]["loss"]
+    return {"method": method_name, "lr": lr, "seed": seed, "tau": tau, "final": final if math.isfinite(final) else
+            math.inf, "curve": curve}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the study
+
+
+def first_reach(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    """The first evaluation at or below `target` (steps and training seconds), None if never."""
+    for row in curve:
+        if row["loss"] <= target:
+            return row
+    return None
+
+
+def tune(runs: list[dict], methods: list[str], lrs: tuple[float, ...]) -> dict[str, dict]:
+    """Each method's best learning rate on the tuning seeds (mean final loss), and whether it is interior."""
+    out = {}
+    for name in methods:
+        means = {lr: statistics.fmean(r["final"] for r in runs if r["method"] == name and r["lr"] == lr)
+                 for lr in lrs}
+        best = min(means, key=lambda lr: means[lr])
+        out[name] = {"best_lr": best, "interior": lrs[0] < best < lrs[-1], "grid": means}
+    return out
+
+
+def summarise(report: list[dict], tuned: dict[str, dict]) -> dict[str, dict]:
+    ref = {r["seed"]: r for r in report if r["method"] == REFERENCE}
+    table = {}
+    for name, info in tuned.items():
+        runs = sorted((r for r in report if r["method"] == name), key=lambda r: r["seed"])
+        reach = [first_reach(r["curve"], ref[r["seed"]]["final"]) for r in runs]
+        ref_steps = [ref[r["seed"]]["curve"][-1]["step"] for r in runs]
+        table[name] = {
+            "label": BY_NAME[name].label, "lr": info["best_lr"], "lr_interior": info["interior"],
+            "final": common.mean_std(r["final"] for r in runs),
+            "ratio_to_lora_r4": [ref[r["seed"]]["final"] / r["final"] for r in runs],
+            "steps_to_lora_r4": [x["step"] if x else None for x in reach],
+            "step_fraction_of_lora_r4": [x["step"] / s if x else None for x, s in zip(reach, ref_steps, strict=True)],
+            "seconds_to_lora_r4": [x["time_s"] if x else None for x in reach],
+            "final_rank": [r["curve"][-1]["rank"] for r in runs],
+        }
+    return table
+
+
+def markdown(result: dict) -> str:
+    rows = ["| method | lr (tuned) | final loss (held-out seeds) | × below tuned LoRA r=4 (per seed) | "
+            "steps to LoRA r=4's final loss | rank of update (middle layer) |", "|---|---|---|---|---|---|"]
+    for row in result["table"].values():
+        ratios = ", ".join(f"{x:.1f}" for x in row["ratio_to_lora_r4"])
+        fr = ", ".join("–" if x is None else f"{x:.2f}" for x in row["step_fraction_of_lora_r4"])
+        ranks = ", ".join(str(x) for x in row["final_rank"])
+        lr = f"{row['lr']:g}" + ("" if row["lr_interior"] else " (edge)")
+        rows.append(f"| {row['label']} | {lr} | {common.fmt_mean_std(row['final'], 4)} | {ratios} | "
+                    f"{fr} × LoRA's | {ranks} |")
+    gate = result["gate"]
+    rows.append("")
+    rows.append(f"Gate: full fine-tuning ends at {gate['full']:.4f}, LoRA r=4 at {gate['lora_r4']:.4f} "
+                f"(ratio {gate['ratio']:.4f}; needs ≤ 0.1): {'passed' if gate['passed'] else 'FAILED'}.")
+    if result.get("tau"):
+        rows.append("")
+        rows.append("| τ (c=\"auto\") | final loss (held-out seeds) |")
+        rows.append("|---|---|")
+        for tau, stats in result["tau"].items():
+            rows.append(f"| {tau} | {common.fmt_mean_std(stats, 4)} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(result: dict, report: list[dict], path: Path) -> None:
+    plt = common.pyplot()
+    fig, (ax_loss, ax_rank) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in result["table"]:
+        runs = [r for r in report if r["method"] == name]
+        steps = [row["step"] for row in runs[0]["curve"]]
+        n = min(len(r["curve"]) for r in runs)
+        loss = [statistics.fmean(r["curve"][i]["loss"] for r in runs) for i in range(n)]
+        rank = [statistics.fmean(r["curve"][i]["rank"] for r in runs) for i in range(n)]
+        ax_loss.plot(steps[:n], loss, label=BY_NAME[name].label)
+        ax_rank.plot(steps[:n], rank, label=BY_NAME[name].label)
+    ax_loss.set(yscale="log", xlabel="step", ylabel="held-out loss / initial", title="planted teacher: loss")
+    ax_rank.set(xlabel="step", ylabel="effective rank of W − W_pretrained", title="middle layer (256 × 256)")
+    ax_loss.legend(fontsize=7)
+    common.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--methods", default=",".join(m.name for m in METHODS))
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for rank_decides.{json,md,png}")
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(BY_NAME))
+    if unknown or REFERENCE not in methods:
+        parser.error(f"unknown methods {unknown}" if unknown else f"--methods must include {REFERENCE}")
+
+    jobs = [(m, lr, seed, args.size) for m in methods for lr in size.lrs for seed in size.tune_seeds]
+    tuning = common.map_jobs(train, jobs, workers=args.jobs)
+    tuned = tune(tuning, methods, size.lrs)
+    jobs = [(m, tuned[m]["best_lr"], seed, args.size) for m in methods for seed in size.report_seeds]
+    report = common.map_jobs(train, jobs, workers=args.jobs)
+    tau_runs = []
+    if "scalora" in methods:
+        jobs = [("scalora", tuned["scalora"]["best_lr"], seed, args.size, tau)
+                for tau in size.taus for seed in size.report_seeds]
+        tau_runs = common.map_jobs(train, jobs, workers=args.jobs)
+    table = summarise(report, tuned)
+    gate = {"full": table["full"]["final"]["mean"] if "full" in table else math.nan,
+            "lora_r4": table[REFERENCE]["final"]["mean"]}
+    gate["ratio"] = gate["full"] / gate["lora_r4"]
+    gate["passed"] = gate["ratio"] <= 0.1
+    result = {
+        "command": common.command_line(__file__, argv), "size": asdict(size), "environment": common.environment(),
+        "gate": gate, "tuning": tuned, "table": table,
+        "tau": {str(tau): common.mean_std(r["final"] for r in tau_runs if r["tau"] == tau) for tau in size.taus}
+        if tau_runs else {},
+        "runs": [{k: v for k, v in r.items()} for r in report],
+    }
+    stem = "rank_decides" if args.size == "full" else "rank_decides_small"
+    common.save_json(args.out / f"{stem}.json", result)
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    plot(result, report, args.out / f"{stem}.png")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

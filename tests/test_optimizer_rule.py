@@ -1,0 +1,175 @@
+"""The optimiser-aware ScaLoRA rule against brute force: explicit out × in matrices, real optimiser steps, NNLS.
+
+With directions U (the optimiser moves B by −η U_B and A by −η U_A) the first-order change of W after rescaling is
+−η s Σ_k u_k K_k, K_i = b_i u_A,iᵀ (i < r) and K_r+j = u_B,j a_jᵀ, u = [α; β]; the fit to −G/L is an explicit
+non-negative least-squares problem in u that scipy solves without ever seeing H or λ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.optimize import nnls
+from torch import nn
+
+from scalora import LoraConfig, apply_lora
+from scalora.directions import next_direction, scale_invariant
+from scalora.errors import ConfigError
+from scalora.optim import ScaLoRA
+from scalora.solver import COLUMN, IDENTITY, auto_c, optimizer_system, scaling_system, solve_system
+
+F64 = torch.float64
+
+
+def _layer(r: int, n_in: int, n_out: int, s: float, seed: int):
+    """(A, B, grad_A, grad_B, U_A, U_B, G) in float64; gradients by autograd of ℓ = ⟨G, s·B·A⟩."""
+    gen = torch.Generator().manual_seed(seed)
+    A = (torch.randn(r, n_in, dtype=F64, generator=gen) / math.sqrt(n_in)).requires_grad_(True)
+    B = torch.randn(n_out, r, dtype=F64, generator=gen).requires_grad_(True)
+    G = torch.randn(n_out, n_in, dtype=F64, generator=gen)
+    grad_A, grad_B = torch.autograd.grad((G * (s * B @ A)).sum(), (A, B))
+    U_A = torch.sign(grad_A) * (0.5 + torch.rand(r, n_in, dtype=F64, generator=gen))  # Adam-like directions
+    U_B = torch.sign(grad_B) * (0.5 + torch.rand(n_out, r, dtype=F64, generator=gen))
+    return A.detach(), B.detach(), grad_A, grad_B, U_A, U_B, G
+
+
+def _terms(A, B, U_A, U_B) -> torch.Tensor:
+    """K (2r, out, in): b_i u_A,iᵀ, then u_B,j a_jᵀ (explicit out × in matrices)."""
+    r = A.shape[0]
+    return torch.stack([torch.outer(B[:, i], U_A[i]) for i in range(r)]
+                       + [torch.outer(U_B[:, j], A[j]) for j in range(r)])
+
+
+@pytest.mark.parametrize("r,n_in,n_out", [(1, 5, 3), (3, 7, 11), (4, 20, 9)])
+def test_system_equals_explicit_gram(r, n_in, n_out):
+    s = 0.7
+    A, B, gA, gB, UA, UB, G = _layer(r, n_in, n_out, s, seed=r + n_in)
+    H, lam, second = optimizer_system(A, B, gA, gB, UA, UB)
+    flat = _terms(A, B, UA, UB).reshape(2 * r, -1)
+    torch.testing.assert_close(H, flat @ flat.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lam, s * flat @ G.reshape(-1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second, (UB @ UA).square().sum(), rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_as_directions_give_the_paper_system():
+    A, B, gA, gB, _, _, _ = _layer(3, 8, 6, 0.5, seed=1)
+    H, lam, _ = optimizer_system(A, B, gA, gB, gA, gB)
+    H_p, lam_p = scaling_system(A, B, gA, gB)
+    torch.testing.assert_close((H, lam), (H_p, lam_p), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_solution_is_the_nnls_optimum_of_the_fit(seed):
+    """u = v / (c s²) minimises ‖G/L − η s Σ u_k K_k‖² over u ≥ 0 (c = L η), checked against scipy's NNLS."""
+    r, n_in, n_out, s, c = 1 + seed % 4, 9 + seed, 14 - seed, 0.8, 0.37
+    A, B, gA, gB, UA, UB, G = _layer(r, n_in, n_out, s, seed=100 + seed)
+    H, lam, second = optimizer_system(A, B, gA, gB, UA, UB)
+    scales = solve_system(H, lam, s, c, power=1)
+    u = torch.cat([scales.alpha, scales.beta])
+    eta = 1e-2
+    L = c / eta
+    K = _terms(A, B, UA, UB)
+    mat = (eta * s * K).reshape(2 * r, -1).T.numpy()
+    u_best, _ = nnls(mat, (G / L).reshape(-1).numpy(), maxiter=100 * r)
+
+    def fit(x) -> float:
+        return float(((G / L - eta * s * torch.einsum("k,kij->ij", torch.as_tensor(x), K)) ** 2).sum())
+
+    if int(scales.kind) == COLUMN:  # the unconstrained solution is positive: it is the NNLS optimum
+        assert fit(u) <= fit(u_best) + 1e-9 * fit(torch.zeros(2 * r, dtype=F64))
+        torch.testing.assert_close(u, torch.as_tensor(u_best), rtol=1e-6, atol=1e-9)
+    else:  # the scalar fallback still improves on handing everything to W0 (u = 0)
+        assert fit(u) < fit(torch.zeros(2 * r, dtype=F64))
+
+
+def test_auto_c_holds_the_second_order_ratio_at_tau():
+    """With c = auto_c, ‖s η² U_B U_A‖ / ‖first-order change‖ = τ, both computed as explicit matrices."""
+    r, n_in, n_out, s, eta, tau = 3, 12, 10, 1.5, 3e-3, 0.3
+    A, B, gA, gB, UA, UB, _ = _layer(r, n_in, n_out, s, seed=7)
+    H, lam, second = optimizer_system(A, B, gA, gB, UA, UB)
+    scales = solve_system(H, lam, s, "auto", power=1, second=second, lr=eta, tau=tau)
+    assert int(scales.kind) != IDENTITY
+    first = eta * s * (UB @ torch.diag(scales.beta) @ A + B @ torch.diag(scales.alpha) @ UA)
+    second_order = s * eta**2 * UB @ UA
+    assert float(second_order.norm() / first.norm()) == pytest.approx(tau, rel=1e-9)
+    v = torch.cat([scales.alpha, scales.beta]) * auto_c(H, torch.cat([scales.alpha, scales.beta]), second, s, eta,
+                                                        tau) * s**2
+    assert torch.isfinite(v).all()
+
+
+def test_auto_c_is_identity_when_the_bound_says_nothing():
+    """At B = 0 (the first step) U_A = 0, so the second-order term vanishes: the layer keeps its factors."""
+    A, B, gA, gB, UA, UB, _ = _layer(2, 6, 5, 1.0, seed=3)
+    H, lam, second = optimizer_system(A, torch.zeros_like(B), torch.zeros_like(gA), gB, torch.zeros_like(UA), UB)
+    scales = solve_system(H, lam, 1.0, "auto", power=1, second=second, lr=1e-3)
+    assert int(scales.kind) == IDENTITY and torch.equal(scales.alpha, torch.ones(2, dtype=F64))
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-30, weight_decay=0.0),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=1e-30, amsgrad=True, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+], ids=["adamw", "adam-amsgrad-l2", "sgd-nesterov"])
+def test_next_direction_is_the_step_the_optimiser_takes(make):
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(5, 4, dtype=F64))
+    opt = make([p])
+    for i in range(3):
+        p.grad = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(i))
+        before = p.detach().clone()
+        U = next_direction(opt, opt.param_groups[0], p)
+        opt.step()
+        torch.testing.assert_close(p.detach() - before, -1e-2 * U, rtol=1e-10, atol=1e-14)
+
+
+def test_adam_step_after_rescaling_is_linear_in_the_scales():
+    """An exact AdamW step from the rescaled factors (moments transferred) changes W by
+    −η s (U_B diag(β) A + B diag(α) U_A) + s η² U_B U_A, with U read before the rescaling."""
+    torch.manual_seed(1)
+    model = apply_lora(nn.Sequential(nn.Linear(9, 7, dtype=F64)),
+                       LoraConfig(r=3, target_modules=["0"], init_lora_weights=False))
+    layer = model[0]
+    eta = 1e-2
+    inner = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=eta, eps=1e-30, weight_decay=0.0)
+    opt = ScaLoRA(model, inner, interval=1000)
+    for step in range(4):
+        x = torch.randn(16, 9, dtype=F64, generator=torch.Generator().manual_seed(step))
+        model(x).square().mean().backward()
+        if step < 3:
+            opt.step()
+            opt.zero_grad()
+    U_A = next_direction(inner, inner.param_groups[0], layer.lora_A)
+    U_B = next_direction(inner, inner.param_groups[0], layer.lora_B)
+    A, B, s = layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.scaling
+    opt.interval = 1
+    w_before = layer.base_layer.weight.detach().clone() + s * B @ A
+    base_before = layer.base_layer.weight.detach().clone()
+    opt.rescale()
+    alpha = layer.lora_B.detach()[0] / B[0]
+    beta = layer.lora_A.detach()[:, 0] / A[:, 0]
+    inner.step()
+    w_after = layer.base_layer.weight.detach() + s * layer.lora_B.detach() @ layer.lora_A.detach()
+    predicted = -eta * s * (U_B @ torch.diag(beta) @ A + B @ torch.diag(alpha) @ U_A) + s * eta**2 * U_B @ U_A
+    torch.testing.assert_close(w_after - w_before, predicted, rtol=1e-8, atol=1e-12)
+    assert not torch.equal(layer.base_layer.weight.detach(), base_before)  # something was handed to W0
+
+
+def test_rules_and_arguments():
+    model = apply_lora(nn.Sequential(nn.Linear(6, 5)), LoraConfig(r=2, target_modules=["0"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert ScaLoRA(model, torch.optim.AdamW(params)).c == "auto"
+    assert ScaLoRA(model, torch.optim.AdamW(params), rule="paper").c == 1.0
+    assert ScaLoRA(model, torch.optim.SGD(params, lr=0.1)).c == 1.0
+    assert scale_invariant(torch.optim.AdamW(params)) and not scale_invariant(torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(ConfigError, match="pass a number c"):
+        ScaLoRA(model, torch.optim.SGD(params, lr=0.1), c="auto")
+    with pytest.raises(ConfigError, match="rule='paper'"):
+        ScaLoRA(model, torch.optim.Adagrad(params))
+    with pytest.raises(ConfigError, match="rule must be"):
+        ScaLoRA(model, torch.optim.AdamW(params), rule="fast")
+    with pytest.raises(ConfigError, match="tau"):
+        ScaLoRA(model, torch.optim.AdamW(params), tau=0)
+    with pytest.raises(ConfigError, match="'auto'"):
+        ScaLoRA(model, torch.optim.AdamW(params), c="big")
