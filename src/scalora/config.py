@@ -110,32 +110,41 @@ class LoraConfig:
                 setattr(self, name, sorted(value))
         _check_positive_int("r", self.r)
         _check_positive_number("lora_alpha", self.lora_alpha)
-        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        if self.target_modules is None or (
-            not isinstance(self.target_modules, str) and len(self.target_modules) == 0
+        if isinstance(self.lora_dropout, bool) or not (
+            isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0
         ):
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.target_modules is None or (isinstance(self.target_modules, list) and len(self.target_modules) == 0):
             raise ConfigError(
                 "target_modules is empty: name the modules to adapt, e.g. target_modules=['q_proj', 'v_proj'], "
                 "a regex, or 'all-linear'."
             )
         for name in ("target_modules", "exclude_modules"):
             _check_name_spec(name, getattr(self, name))
-        if self.modules_to_save is not None and (
-            isinstance(self.modules_to_save, str)
-            or not all(isinstance(m, str) for m in self.modules_to_save)
-        ):
+        if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
             raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}.")
+        for name in ("use_rslora", "alpha_vector"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
             )
         if self.bias != "none":
             raise ConfigError(f"bias={self.bias!r} is not supported: scalora keeps biases frozen (bias='none').")
-        for key, value in self.rank_pattern.items():
-            _check_positive_int(f"rank_pattern[{key!r}]", value)
-        for key, value in self.alpha_pattern.items():
-            _check_positive_number(f"alpha_pattern[{key!r}]", value)
+        for name, check in (("rank_pattern", _check_positive_int), ("alpha_pattern", _check_positive_number)):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, dict):
+                raise ConfigError(f"{name} must be a dict from a module-name regex to a value, e.g. "
+                                  f"{{'q_proj': 16}}; got {type(patterns).__name__}.")
+            for key, value in patterns.items():
+                if not isinstance(key, str):
+                    raise ConfigError(f"{name} keys must be module-name regexes (strings), got {key!r}.")
+                _check_name_spec(f"{name} key", key)
+                check(f"{name}[{key!r}]", value)
+        for name in ("base_model_name_or_path", "task_type"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}.")
 
     # ------------------------------------------------------------------ per-module values
     def rank_for(self, module_name: str) -> int:
@@ -196,6 +205,8 @@ class LoraConfig:
         """Read a PEFT `adapter_config.json` dict. Features scalora cannot honour are an error, never ignored."""
         data = dict(data)
         extra = data.pop(SCALORA_KEY, None) or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"the {SCALORA_KEY!r} entry must be an object, got {extra!r}.")
         for key, neutral in _PEFT_NEUTRAL.items():
             if key in data:
                 value = data.pop(key)
@@ -223,6 +234,10 @@ def _check_positive_number(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive number, got {value!r}.")
 
 
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def _check_name_spec(name: str, value: Any) -> None:
     if value is None:
         return
@@ -231,8 +246,8 @@ def _check_name_spec(name: str, value: Any) -> None:
             return
         try:
             re.compile(value)
-        except re.error as exc:
+        except (re.error, RecursionError, OverflowError) as exc:
             raise ConfigError(f"{name}={value!r} is not a valid regular expression: {exc}.") from None
         return
-    if not all(isinstance(v, str) for v in value):
+    if not _is_str_list(value):
         raise ConfigError(f"{name} must be a list of module names or a regex string, got {value!r}.")

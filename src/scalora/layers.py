@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalora.errors import ConfigError
+from scalora.finite import require_finite
 
 
 class LoraLayer(nn.Module):
@@ -132,11 +133,58 @@ class LoraLayer(nn.Module):
         return result + self.lora_output(x).to(result.dtype)
 
     # ------------------------------------------------------------------ merge / unmerge
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W ← diag(a) W + s B A and b ← a ⊙ b, in place; the forward then uses the base layer alone."""
+    def folded_weight(self, B: torch.Tensor, A: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """What `fold_(B, A)` rounds into W0 (after W0's rows are scaled by `row_scale`), computed at float32 or
+        wider: diag(row_scale) W0 + c + B A, with c the fold compensation when kept. Nothing is written."""
+        weight = self.base_weight_oi()
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        base = (weight if row_scale is None else weight * row_scale[:, None]).to(dtype)
+        if self.base_compensation is not None:
+            base = base + self.base_compensation.to(dtype)
+        return torch.addmm(base, B.to(dtype), A.to(dtype))
+
+    def check_fold(self, B: torch.Tensor, A: torch.Tensor, where: str = "this layer") -> None:
+        """Refuse (`NonFiniteError`) a `fold_(B, A)` whose result is NaN or inf in the weight's dtype."""
+        require_finite(self.folded_weight(B, A), self.weight.dtype,
+                       f"folding the update into the base weight of {where}")
+
+    def check_merge(self, where: str = "this layer") -> None:
+        """Refuse (`NonFiniteError`) a `merge` that would write NaN or inf into the base weight or bias."""
         if self.merged:
             return
+        weight, bias = self.base_weight_oi(), getattr(self.base_layer, "bias", None)
+        a = None if self.alpha_vector is None else self.alpha_vector.to(weight.dtype)
+        require_finite(self.folded_weight(self.lora_B * self.scaling, self.lora_A, a), weight.dtype,
+                       f"merging the adapter into the base weight of {where}")
+        if a is not None and bias is not None:
+            require_finite(bias * a.to(bias.dtype), bias.dtype, f"merging the α vector into the bias of {where}")
+
+    def check_unmerge(self, where: str = "this layer") -> None:
+        """Refuse an `unmerge` that cannot restore the base: α entries of 0 (`ConfigError`), or a result that is
+        NaN or inf in the weight's dtype (`NonFiniteError`)."""
+        if not self.merged:
+            return
+        weight, bias = self.base_weight_oi(), getattr(self.base_layer, "bias", None)
+        if self.alpha_vector is not None and bool((self.alpha_vector == 0).any()):
+            raise ConfigError(f"cannot unmerge {where}: some entries of its α vector are 0, so the base weight is "
+                              f"lost; reload the base model instead.")
+        restored = self.folded_weight(self.lora_B * -self.scaling, self.lora_A).to(weight.dtype)
+        if self.alpha_vector is not None:
+            a = self.alpha_vector.to(weight.dtype)
+            restored = restored / a[:, None]
+            if bias is not None:
+                require_finite(bias / a.to(bias.dtype), bias.dtype, f"unmerging the α vector from the bias of {where}")
+        require_finite(restored, weight.dtype, f"unmerging the adapter from the base weight of {where}")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← diag(a) W + s B A and b ← a ⊙ b, in place; the forward then uses the base layer alone.
+
+        Refused, with nothing written, if the result would be NaN or inf in the weight's dtype (`check_merge`).
+        """
+        if self.merged:
+            return
+        self.check_merge()
         weight = self.base_weight_oi()
         if self.alpha_vector is not None:
             a = self.alpha_vector.to(weight.dtype)
@@ -148,12 +196,12 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo `merge`: W ← diag(1/a)(W − s B A), b ← b / a (exact up to rounding; impossible if some a = 0)."""
+        """Undo `merge`: W ← diag(1/a)(W − s B A), b ← b / a (exact up to rounding; refused, with nothing written,
+        if some a = 0 or the result would be NaN or inf: `check_unmerge`)."""
         if not self.merged:
             return
+        self.check_unmerge()
         weight = self.base_weight_oi()
-        if self.alpha_vector is not None and bool((self.alpha_vector == 0).any()):
-            raise ConfigError("cannot unmerge: some entries of the α vector are 0, so the base weight is lost.")
         self.fold_(self.lora_B * -self.scaling, self.lora_A)
         if self.alpha_vector is not None:
             a = self.alpha_vector.to(weight.dtype)

@@ -36,6 +36,10 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> list[PlannedLayer]:
     Raises `ConfigError` if nothing matches (listing what could be targeted), if a matched module has an
     unsupported type, if r is too large for a layer, or if the model already has adapters.
     """
+    require_module(model)
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"config must be a scalora.LoraConfig, got {type(config).__name__}; build one with "
+                          f"LoraConfig(r=..., target_modules=...).")
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ConfigError("this model already has LoRA adapters; merge(model) or start from a fresh model.")
     heads = _output_head_names(model)
@@ -98,9 +102,17 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """(name, layer) for every LoRA layer of `model`, names as in the original model."""
+    require_module(model)
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
+
+
+def require_module(model: object) -> None:
+    """A `ConfigError` unless `model` is a torch module (so a wrong argument is named, not an AttributeError)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch.nn.Module as the model, got {type(model).__name__}; pass the model "
+                          f"itself (e.g. AutoModel.from_pretrained(...)).")
 
 
 def get_config(model: nn.Module) -> LoraConfig:
@@ -115,11 +127,14 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
 
     With ``unload=True`` (default) the wrappers are removed and a plain model is returned, equal in output to the
     adapted one (PEFT's ``merge_and_unload``). With ``unload=False`` the wrappers stay, marked merged, and
-    `unmerge` can undo it.
+    `unmerge` can undo it. If any layer's result would be NaN or inf in its weight's dtype, `NonFiniteError` names
+    the layer and no weight is changed.
     """
     layers = list(lora_layers(model))
     if not layers:
         raise ConfigError("this model has no LoRA adapters to merge.")
+    for name, layer in layers:  # every layer first: a refused merge leaves the whole model as it was
+        layer.check_merge(f"layer {name!r}")
     for name, layer in layers:
         layer.merge()
         if unload:
@@ -130,8 +145,12 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo ``merge(model, unload=False)``: subtract every update again and divide out α."""
-    for _, layer in lora_layers(model):
+    """Undo ``merge(model, unload=False)``: subtract every update again and divide out α (refused, with nothing
+    changed, if some layer cannot be restored: see `LoraLayer.check_unmerge`)."""
+    layers = list(lora_layers(model))
+    for name, layer in layers:
+        layer.check_unmerge(f"layer {name!r}")
+    for _, layer in layers:
         layer.unmerge()
     return model
 

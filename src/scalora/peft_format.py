@@ -10,6 +10,7 @@ drops the vectors, so its model differs); ``scalora.merge`` gives a portable exp
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,8 +23,9 @@ from torch import nn
 
 from scalora.config import LoraConfig
 from scalora.errors import AdapterFileError, ConfigError
+from scalora.finite import first_nonfinite
 from scalora.layers import Embedding
-from scalora.model import apply_lora, get_config, lora_layers, plan_lora
+from scalora.model import apply_lora, get_config, lora_layers, plan_lora, require_module
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -70,8 +72,8 @@ def write_adapter(
     config_dict["fan_in_fan_out"] = fan_in_fan_out
     config_dict["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME,
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_NAME,
                   lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n"))
     return folder
 
@@ -83,9 +85,12 @@ def read_adapter_config(folder: str | os.PathLike) -> LoraConfig:
         raise AdapterFileError(f"no adapter at {folder}: {CONFIG_NAME} is missing (save one with save_adapter).")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise AdapterFileError(f"{path} is not valid JSON ({exc}); the file is corrupt.") from None
-    if not isinstance(data, dict) or data.get("peft_type", "LORA") != "LORA":
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} holds a JSON {type(data).__name__}, not an adapter config object; the file "
+                               f"is corrupt or not an adapter_config.json.")
+    if data.get("peft_type", "LORA") != "LORA":
         raise AdapterFileError(f"{path} is not a LoRA adapter config (peft_type={data.get('peft_type')!r}).")
     try:
         return LoraConfig.from_peft_dict(data)
@@ -93,12 +98,14 @@ def read_adapter_config(folder: str | os.PathLike) -> LoraConfig:
         raise AdapterFileError(f"{path}: {exc}") from None
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, folder: str | os.PathLike, *, allow_nonfinite: bool = False) -> nn.Module:
     """Load an adapter saved by scalora or PEFT into `model` (adding the adapter layers if it has none yet).
 
     Every key and shape is checked before anything is written: on any mismatch the model is left untouched and
-    the error names the first offending key and both shapes.
+    the error names the first offending key and both shapes. A model that already has adapters must scale them
+    as the file's config says. Tensors holding NaN or inf are refused unless ``allow_nonfinite=True``.
     """
+    require_module(model)
     folder = Path(folder)
     config = read_adapter_config(folder)
     weights_path = folder / WEIGHTS_NAME
@@ -108,6 +115,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         state = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFileError(f"{weights_path} cannot be read ({exc}); the file is corrupt.") from None
+    bad = None if allow_nonfinite else first_nonfinite(state.items())
+    if bad is not None:
+        raise AdapterFileError(f"{weights_path}: tensor {bad!r} holds NaN or inf (the training that wrote it "
+                               f"diverged); retrain it, or pass allow_nonfinite=True to load it anyway.")
 
     has_layers = any(True for _ in lora_layers(model))
     expected = _expected_shapes(model, config, has_layers)
@@ -126,7 +137,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             f"matches nothing in this model ({len(unexpected)} such key(s)); was it made for another model?"
         )
 
-    if not has_layers:
+    if has_layers:
+        _check_scaling(model, config)
+    else:
         apply_lora(model, config)
     params = _parameters_by_key(model)
     with torch.no_grad():
@@ -158,6 +171,19 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, has_layers: bool) -> 
     return shapes
 
 
+def _check_scaling(model: nn.Module, config: LoraConfig) -> None:
+    """The model's adapters must scale each layer as the file's config does, or its factors compute another update."""
+    for name, layer in lora_layers(model):
+        scale = config.scaling_for(name)
+        if not math.isclose(scale, layer.scaling, rel_tol=1e-6):
+            raise AdapterFileError(
+                f"the adapter scales layer {name!r} by {scale:.6g} (lora_alpha={config.alpha_for(name)}, "
+                f"r={config.rank_for(name)}, use_rslora={config.use_rslora}) but the model's adapter there scales "
+                f"by {layer.scaling:.6g}; load it into a model without adapters (load_adapter then adds them with "
+                f"the file's config)."
+            )
+
+
 def _parameters_by_key(model: nn.Module) -> dict[str, torch.Tensor]:
     """The live parameters behind each key of the adapter file."""
     params: dict[str, torch.Tensor] = {}
@@ -177,7 +203,7 @@ def modules_to_save_params(model: nn.Module, config: LoraConfig) -> Iterator[tup
                 yield f"{PREFIX}{mod_name}.{p_name}", p
 
 
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write through `write(tmp_path)` into a temporary file beside `path`, fsync, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

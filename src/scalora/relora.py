@@ -37,7 +37,10 @@ class ReLoRA(OptimizerWrapper):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Merge every adapter into its base, re-initialise it, prune its moments."""
+        """Merge every adapter into its base, re-initialise it, prune its moments. Refused (`NonFiniteError`, nothing
+        changed) if a merge would write NaN or inf into a base weight."""
+        for name, layer in self.layers:
+            layer.check_fold(layer.lora_B * layer.scaling, layer.lora_A, f"layer {name!r}")
         for _, layer in self.layers:
             layer.fold_(layer.lora_B * layer.scaling, layer.lora_A)
             layer.reset_lora_parameters()
