@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import scalora
 from scalora.errors import ConfigError, ScaloraError
 from scalora.train import checkpoint as ckpt_mod
-from scalora.train import loop
+from scalora.train import loop, statefile
 from scalora.train.checkpoint import CheckpointError
 from scalora.train.config import METHODS, TrainConfig
 from scalora.train.data import DataError
@@ -241,7 +241,7 @@ def test_export_rank_reproduces_the_merged_model(kind: str, files: dict[str, Pat
 
 def final_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     folder = out / "checkpoint"
-    return load_file(folder / "model.safetensors"), torch.load(folder / "training_state.pt", weights_only=False)
+    return load_file(folder / "model.safetensors"), ckpt_mod.read_state(folder)
 
 
 def assert_identical(a: Any, b: Any, where: str = "") -> None:
@@ -396,7 +396,7 @@ def new_checkpoint_rename(src: Any, dst: Any) -> bool:
     return Path(dst).name == "checkpoint" and Path(src).name.startswith(ckpt_mod.TMP_PREFIX)
 
 
-@pytest.mark.parametrize("where", ["save_file", "torch.save", "rename"])
+@pytest.mark.parametrize("where", ["weights", "training state", "rename"])
 def test_failed_checkpoint_write_keeps_previous_checkpoint(where: str, files: dict[str, Path], tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     reference = make_cfg(tmp_path / "reference", files["bert"], files["cls"], "lora", steps=4, save_every=2)
@@ -404,10 +404,10 @@ def test_failed_checkpoint_write_keeps_previous_checkpoint(where: str, files: di
 
     cfg = make_cfg(tmp_path / "run", files["bert"], files["cls"], "lora", steps=4, save_every=2)
     out = Path(cfg.output_dir)
-    if where == "save_file":
+    if where == "weights":
         monkeypatch.setattr(ckpt_mod, "save_file", fail_on_call(2, ckpt_mod.save_file))
-    elif where == "torch.save":  # the weights are already written when the training state fails
-        monkeypatch.setattr(torch, "save", fail_on_call(2, torch.save))
+    elif where == "training state":  # the weights are already written when the training state fails
+        monkeypatch.setattr(statefile, "save_file", fail_on_call(2, statefile.save_file))
     else:  # between moving the old checkpoint aside and putting the new one in place
         monkeypatch.setattr(os, "replace", fail_on_call(2, os.replace, new_checkpoint_rename))
     with pytest.raises(OSError, match="No space left"):
@@ -432,7 +432,7 @@ def test_failed_checkpoint_write_keeps_previous_checkpoint(where: str, files: di
 def test_unreadable_checkpoint_is_a_checkpoint_error(files: dict[str, Path], tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, files["bert"], files["cls"], "lora", steps=2)
     quiet_train(cfg)
-    (tmp_path / "checkpoint" / "training_state.pt").write_bytes(b"not a pickle")
+    (tmp_path / "checkpoint" / ckpt_mod.STATE).write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot be read"):
         quiet_train(make_cfg(tmp_path, files["bert"], files["cls"], "lora", steps=2, resume=True))
 
@@ -515,7 +515,8 @@ def test_jsonl_with_three_string_labels_and_eval_file(files: dict[str, Path], tm
 
 def test_model_with_a_head_of_another_size(files: dict[str, Path], tmp_path: Path) -> None:
     rows = [{"text": f"{('a', 'b', 'c')[i % 3]} {i}", "label": i % 3} for i in range(30)]
-    result = quiet_train(make_cfg(tmp_path, files["bert"], write_jsonl(tmp_path / "three.jsonl", rows), steps=1))
+    result = quiet_train(make_cfg(tmp_path / "run", files["bert"], write_jsonl(tmp_path / "three.jsonl", rows),
+                                  steps=1))
     assert result.summary["label_names"] == ["0", "1", "2"]
 
 

@@ -1,9 +1,13 @@
-"""Training checkpoints: written whole or not at all, resumed only into the same configuration.
+"""Training checkpoints: written whole or not at all, resumed only into the same configuration, never pickled.
 
 A checkpoint is a folder ``<output_dir>/checkpoint`` with ``model.safetensors`` (the weights that change while
-training), ``training_state.pt`` (optimiser, schedules, random generators, step) and ``trainer_state.json``
-(step and the configuration, readable). It is written to a temporary folder and swapped in with renames; if a
-write fails or is interrupted the previous checkpoint stays where it was, intact.
+training), ``training_state.safetensors`` (optimiser, schedules, random generators: see `statefile`) and
+``trainer_state.json`` (step and the configuration, readable). It is written to a temporary folder and swapped in
+with renames; if a write fails or is interrupted the previous checkpoint stays where it was, intact.
+
+Checkpoints written before the training state moved to safetensors hold ``training_state.pt`` instead; it is read
+with ``torch.load(weights_only=True)``, which builds tensors and plain values only and refuses anything else.
+Tensors holding NaN or inf are refused unless asked for (``allow_nonfinite``).
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scalora.errors import ScaloraError
+from scalora.finite import first_nonfinite
+from scalora.train import statefile
 from scalora.train.config import TrainConfig
 
 NAME = "checkpoint"
 _OLD = "checkpoint.old"
 TMP_PREFIX = ".checkpoint-"  # checkpoints being written (left behind only by a killed process)
+STATE = "training_state.safetensors"
+_PICKLED_STATE = "training_state.pt"  # written before the training state moved to safetensors
 
 
 class CheckpointError(ScaloraError):
@@ -80,13 +88,15 @@ def save(output_dir: Path, cfg: TrainConfig, step: int, model_state: dict[str, t
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should be as readable as the run's other files
         save_file({k: v.cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
-        torch.save(state, tmp / "training_state.pt")
+        statefile.save(state, tmp / STATE)
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"step": step, "fingerprint": cfg.fingerprint(), "config": cfg.identity()}, indent=2, sort_keys=True))
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
-        return replace_dir(tmp, output_dir / NAME)
+        final = replace_dir(tmp, output_dir / NAME)
+        fsync_dir(output_dir)
+        return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -105,19 +115,39 @@ def replace_dir(tmp: Path, final: Path) -> Path:
     return final
 
 
-def load(output_dir: Path, cfg: TrainConfig) -> Checkpoint:
-    """Read the run's checkpoint, refusing one written under a different configuration."""
+def fsync_dir(folder: Path) -> None:
+    """Make the renames inside `folder` durable (a crash after this keeps them)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The training state of the checkpoint `folder`, from safetensors or (older checkpoints) a weights-only pickle."""
+    if (folder / STATE).is_file():
+        state = statefile.load(folder / STATE)
+    else:
+        state = torch.load(folder / _PICKLED_STATE, weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"the training state is a {type(state).__name__}, not a dict")
+    return state
+
+
+def load(output_dir: Path, cfg: TrainConfig, *, allow_nonfinite: bool = False) -> Checkpoint:
+    """Read the run's checkpoint, refusing one written under a different configuration, one that cannot be read
+    as tensors and plain values (never unpickling code), and, unless `allow_nonfinite`, one holding NaN or inf."""
     folder = find(output_dir)
     if folder is None:
         raise CheckpointError(f"no checkpoint to resume in {output_dir}; drop --resume to start a new run.")
     try:
         meta = json.loads((folder / "trainer_state.json").read_text())
-        model = load_file(folder / "model.safetensors")
-        state = torch.load(folder / "training_state.pt", weights_only=False)
         step = int(meta["step"])
-    except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError,
-            KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"the checkpoint in {folder} cannot be read ({exc}).") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError,
+            ValueError) as exc:
+        raise CheckpointError(f"the checkpoint in {folder} cannot be read ({exc}); start over with --overwrite "
+                              f"(or resume from a copy of an intact run).") from None
     if meta.get("fingerprint") != cfg.fingerprint():
         saved = meta.get("config", {})
         ours = cfg.identity()
@@ -127,6 +157,20 @@ def load(output_dir: Path, cfg: TrainConfig) -> Checkpoint:
             f"the checkpoint in {folder} was written by a run with a different configuration "
             f"({'; '.join(diff) or 'unknown fields'}). Resume with the same options, or use another --output-dir."
         )
+    try:
+        model = load_file(folder / "model.safetensors")
+        state = read_state(folder)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"the training state in {folder} cannot be read safely: it is corrupt or holds objects "
+                              f"other than tensors and plain values (tampered with?), so nothing of it was run "
+                              f"({str(exc).splitlines()[0]}); start over with --overwrite.") from None
+    except (OSError, SafetensorError, RuntimeError, EOFError, RecursionError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint in {folder} cannot be read ({exc}); start over with --overwrite "
+                              f"(or resume from a copy of an intact run).") from None
+    bad = None if allow_nonfinite else first_nonfinite([*model.items(), *statefile.tensors_in(state)])
+    if bad is not None:
+        raise CheckpointError(f"the checkpoint in {folder} holds NaN or inf in {bad!r}, so resuming it would train "
+                              f"on broken values; start over with --overwrite (and a lower --lr).")
     return Checkpoint(step, model, state)
 
 

@@ -17,32 +17,38 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
 from scalora.errors import ConfigError, ScaloraError
+from scalora.finite import first_nonfinite
 from scalora.model import lora_layers, merge, trainable_parameters
 from scalora.optim import ScaLoRA
-from scalora.peft_format import save_adapter
+from scalora.peft_format import atomic_write, save_adapter
 from scalora.rank import effective_rank, effective_weight, export_lora, snapshot_base_weights
-from scalora.train import checkpoint
+from scalora.train import checkpoint, rundir
 from scalora.train.config import TrainConfig
 from scalora.train.methods import MERGING, adapt, build, tracked_layers
 from scalora.train.models import load_model
+from scalora.train.rundir import METRICS, SUMMARY, RunFolder
+from scalora.train.runlock import RunLock
 from scalora.train.tasks import Task, load_task
-
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
 
 
 class TrainingError(ScaloraError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
+
+class RunFolderError(ScaloraError, OSError):
+    """The run folder cannot be created, locked or written (a full disk, a read-only folder)."""
 
 
 @dataclass
@@ -94,21 +100,27 @@ class RankTracker:
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line), plus TensorBoard when it is installed."""
+    """metrics.jsonl (one JSON object per line) in the run's current folder, plus TensorBoard when installed.
 
-    def __init__(self, output_dir: Path, keep_until: int | None, tensorboard: bool) -> None:
-        self.path = output_dir / METRICS
-        rows = []
-        if keep_until is not None and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            rows = [r for r in rows if r.get("step", 0) <= keep_until]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.rows = rows
+    On resume the rows up to the checkpoint's step are kept; a last line that a crash left half written is dropped
+    and reported through `log`.
+    """
+
+    def __init__(self, run: RunFolder, keep_until: int | None, tensorboard: bool,
+                 log: Callable[[str], None]) -> None:
+        self.run = run
+        self.rows = [] if keep_until is None else [
+            r for r in _read_rows(run.current / METRICS, log) if r.get("step", 0) <= keep_until]
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in self.rows)))
         self.writer = None
         if tensorboard and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(run.current / "tensorboard"))
+
+    @property
+    def path(self) -> Path:
+        return self.run.current / METRICS
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -124,32 +136,32 @@ class MetricsLog:
             self.writer.close()
 
 
-def _check_output(cfg: TrainConfig) -> None:
+def _read_rows(path: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The rows of a metrics file; a torn last line is dropped (and reported), a bad line before it is an error."""
+    if not path.exists():
+        return []
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").split("\n"), start=1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif n == lines[-1][0]:
+            log(f"{path}: dropped line {n}, which a crash left half written")
+        else:
+            raise checkpoint.CheckpointError(f"{path} line {n} is not a JSON object; the file is corrupt: delete "
+                                             f"that line (or the file) and resume again.")
+    return rows
+
+
+def _check_output(cfg: TrainConfig, out: Path) -> None:
     """Refuse to start over a run that exists unless asked to resume or overwrite it (nothing is touched)."""
-    out = Path(cfg.output_dir)
     if checkpoint.find(out) is not None and not (cfg.resume or cfg.overwrite):
         raise ScaloraError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
                            f"over, or choose another --output-dir.")
-
-
-def _prepare_output(cfg: TrainConfig) -> Path:
-    """Create the output folder; with --overwrite remove the old run's files. Called only once the run's task,
-    model and method are known to be valid, so a mistyped option never costs the previous run."""
-    out = Path(cfg.output_dir)
-    if checkpoint.find(out) is not None and not cfg.resume:
-        # everything the old run wrote, so no stale result (model/ beside a new adapter/) or log survives
-        old_outputs = [out / name for name in (checkpoint.NAME, checkpoint.NAME + ".old", METRICS, SUMMARY, "model",
-                                               "adapter", "tensorboard")]
-        for target in old_outputs + sorted(out.glob("adapter-rank*")):
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    if out.is_dir():  # folders a killed process was writing (a checkpoint, the result model) are incomplete
-        for stale in [*out.glob(checkpoint.TMP_PREFIX + "*"), *out.glob(".model-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _split_holdout(cfg: TrainConfig, task: Task) -> tuple[list[dict], list[dict]]:
@@ -205,18 +217,71 @@ def train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> floa
     for batch in batches:
         loss = model(**batch).loss
         if not torch.isfinite(loss):
-            raise TrainingError("the loss became NaN or infinite; lower --lr (or --scalora-c for ScaLoRA) and "
-                                "resume from the last checkpoint with --resume.")
+            raise TrainingError("the loss became NaN or infinite; lower --lr (or --scalora-c for ScaLoRA).")
         (loss / len(batches)).backward()
         total += float(loss.detach())
     return total / len(batches)
 
 
 def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
-    """Run `cfg` to its last step (resuming its checkpoint with ``cfg.resume``) and write its results."""
+    """Run `cfg` to its last step (resuming its checkpoint with ``cfg.resume``) and write its results.
+
+    The output folder is locked for the whole run (`RunLock`); an earlier run in it is replaced only once this
+    one has a durable checkpoint (`rundir`). Problems of the folder (full disk, no permission) are a
+    `RunFolderError` that says what was kept.
+    """
+    out = Path(cfg.output_dir)
+    rundir.check_location(out, {"--model": cfg.model, "--train-file": cfg.train_file, "--eval-file": cfg.eval_file})
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise RunFolderError(f"cannot use {out} as the run folder ({_reason(exc)}); choose a folder you can write "
+                             f"to with --output-dir.") from exc
+    try:
+        if lock.previous_owner is not None:
+            log(f"{out}: taking over from process {lock.previous_owner}, which ended without finishing")
+        rundir.recover(out)
+        return _train(cfg, out, log)
+    finally:
+        lock.release()
+
+
+def _reason(exc: BaseException) -> str:
+    """The cause of an I/O error in a few words, e.g. "No space left on device: runs/x/metrics.jsonl"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _check_model_fits(cfg: TrainConfig, model: nn.Module) -> None:
+    """Options that only the loaded model can check: the sequence length and the export rank."""
+    limit = max_positions(model)
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError(f"--max-length {cfg.max_length} is longer than the model allows ({limit} positions); "
+                          f"use --max-length {limit} or less.")
+    if cfg.export_rank is not None:
+        largest = min((min(layer.in_features, layer.out_features) for _, layer in lora_layers(model)), default=0)
+        if cfg.export_rank > largest:
+            raise ConfigError(f"--export-rank {cfg.export_rank} exceeds the rank of the smallest adapted weight "
+                              f"({largest}); use --export-rank {largest} or less.")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow, or None when it has no such limit."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult:
+    """`train` inside the locked folder."""
     if cfg.export_rank is not None and cfg.method == "full":
         raise ConfigError("--export-rank needs an adapter method (it compresses the update of the adapted layers).")
-    _check_output(cfg)
+    _check_output(cfg, out)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     task = load_task(cfg.task, train_file=cfg.train_file, eval_file=cfg.eval_file, train_size=cfg.train_size,
@@ -228,115 +293,150 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
     train_examples, holdout = _split_holdout(cfg, task)
     tracker = RankTracker(model, tracked_layers(cfg, model))
     adapt(cfg, model)
+    _check_model_fits(cfg, model)
     pretrained = snapshot_base_weights(model) if cfg.export_rank is not None else None
     setup = build(cfg, model)
-    out = _prepare_output(cfg)
+    frozen_changes = cfg.method in MERGING or cfg.method == "full"  # checkpoints then carry every weight
+    start, elapsed = 0, 0.0
+    if cfg.resume:
+        start, elapsed = _resume(cfg, out, model, setup, frozen_changes)
+        log(f"resumed from step {start}")
     trainable, total = trainable_parameters(model)
     log(f"{task.summary()}")
     log(f"{cfg.method}: trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
 
-    frozen_changes = cfg.method in MERGING or cfg.method == "full"  # checkpoints then carry every weight
-    start, elapsed = 0, 0.0
-    if cfg.resume:
-        ckpt = checkpoint.load(out, cfg)
-        unexpected = set(ckpt.model) - set(model.state_dict())
-        if unexpected:
-            raise checkpoint.CheckpointError(f"the checkpoint has weights this model lacks: {sorted(unexpected)[0]!r}.")
-        missing = set(checkpoint.mutable_state(model, frozen_changes)) - set(ckpt.model)
-        if missing:
-            raise checkpoint.CheckpointError(f"the checkpoint lacks weights this run trains: {sorted(missing)[0]!r} "
-                                             f"({len(missing)} in all); it cannot be resumed exactly.")
+    run = RunFolder.start(out, replace=not cfg.resume and bool(rundir.outputs(out)),
+                          step=start if cfg.resume else None)
+    with _reported(run):
+        metrics = MetricsLog(run, keep_until=start if cfg.resume else None, tensorboard=cfg.tensorboard, log=log)
+        collate = task.collate(tokenizer, cfg.max_length)
+        order = BatchOrder(len(train_examples), cfg.batch_size, cfg.seed)
+        holdout_order = BatchOrder(len(holdout), min(cfg.batch_size, len(holdout)), cfg.seed + 1) if holdout else None
+        trainable_params = [p for p in model.parameters() if p.requires_grad]
+        step_times: list[float] = []
+        last_eval: dict[str, float] = {}
+
+        def save_checkpoint(step: int) -> None:
+            state = {"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
+                     "rng": checkpoint.rng_state(), "elapsed": elapsed}
+            if setup.alpha is not None:
+                state["alpha"] = setup.alpha.state_dict()
+            tensors = checkpoint.mutable_state(model, frozen_changes)
+            bad = first_nonfinite(tensors.items())
+            if bad is not None:  # keep the last good checkpoint rather than one that cannot be resumed
+                raise TrainingError(f"{bad} became NaN or infinite by step {step}; lower --lr (or --scalora-c for "
+                                    f"ScaLoRA).")
+            checkpoint.save(run.current, cfg, step, tensors, state)
+            run.saved(step)
+
+        model.train()
+        bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                t0 = time.perf_counter()
+                ks = range((step - 1) * cfg.grad_accum, step * cfg.grad_accum)
+                batches = [collate([train_examples[i] for i in order(k)]) for k in ks]
+                loss = train_step(model, batches)
+                grad_norm = float("nan")
+                if cfg.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm))
+                    if not math.isfinite(grad_norm):  # clipping would turn the weights into NaN
+                        raise TrainingError(f"the gradient became NaN or infinite at step {step}; lower --lr (or "
+                                            f"--scalora-c for ScaLoRA).")
+                lr = setup.scheduler.get_last_lr()[0]
+                setup.optimizer.step()
+                setup.scheduler.step()
+                setup.optimizer.zero_grad(set_to_none=True)
+                row: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+                if setup.alpha is not None:
+                    held = collate([holdout[i] for i in holdout_order(step // cfg.alpha_every)])
+                    alpha_loss = setup.alpha.step(step, lambda held=held: model(**held).loss)
+                    if alpha_loss is not None:
+                        row["alpha/heldout_loss"] = alpha_loss
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                step_times.append(dt)
+                row["step_time"] = dt
+                row["examples_per_s"] = cfg.batch_size * cfg.grad_accum / dt
+                if isinstance(setup.optimizer, ScaLoRA) and setup.optimizer.last_stats.step == step:
+                    row.update(setup.optimizer.last_stats.as_dict())
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                    last_eval = _evaluate(cfg, task, model, tokenizer)
+                    row.update(last_eval)
+                    row.update(tracker.measure(model))
+                    model.train()
+                if step % cfg.log_every == 0 or len(row) > 6:
+                    metrics.write(row)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{row['examples_per_s']:.1f}")
+                bar.update(1)
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                    save_checkpoint(step)
+        finally:
+            bar.close()
+            metrics.close()
+
+        if start == cfg.steps:  # nothing left to run: evaluate the resumed weights for the report
+            last_eval = _evaluate(cfg, task, model, tokenizer)
+        rank = tracker.measure(model)
+        results = _save_result(cfg, out, model, tokenizer, pretrained)
+        losses = [r["loss"] for r in metrics.rows if "loss" in r]
+        timed = step_times[2:] if len(step_times) > 4 else step_times
+        summary = {
+            "method": cfg.method, "model": cfg.model, "task": task.name, "steps": cfg.steps, "seed": cfg.seed,
+            "metric": task.metric, "eval": last_eval.get(f"eval/{task.metric}", math.nan),
+            "label_names": task.label_names,
+            "final_train_loss": statistics.fmean(losses[-10:]) if losses else math.nan,
+            "wall_time_s": elapsed, "median_step_s": statistics.median(timed) if timed else math.nan,
+            "peak_rss_mib": _peak_rss_mib(),
+            "trainable_params": trainable, "total_params": total, **rank, "saved": results, "config": cfg.to_dict(),
+        }
+        text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
+        atomic_write(out / SUMMARY, lambda tmp: Path(tmp).write_text(text))
+        log(f"{cfg.method}: {task.metric} {summary['eval']:.4f}, final train loss {summary['final_train_loss']:.4f}, "
+            f"{elapsed:.1f} s; results in {out}")
+        return RunResult(out, summary)
+
+
+@contextmanager
+def _reported(run: RunFolder) -> Iterator[None]:
+    """A staged run that fails is discarded; a `TrainingError` or an I/O error ends with what is kept and what to
+    do (`RunFolder.kept`)."""
+    try:
+        yield
+    except BaseException as exc:
+        run.discard()
+        if isinstance(exc, TrainingError):
+            raise TrainingError(f"{exc} {run.kept()}") from None
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise RunFolderError(f"writing the run in {run.final} failed ({_reason(exc)}); {run.kept()}") from exc
+        raise
+
+
+def _resume(cfg: TrainConfig, out: Path, model: nn.Module, setup: Any, frozen_changes: bool) -> tuple[int, float]:
+    """Load the checkpoint into the model, optimiser, schedules and random generators: (step, elapsed seconds)."""
+    ckpt = checkpoint.load(out, cfg)
+    state = model.state_dict()
+    unexpected = set(ckpt.model) - set(state)
+    if unexpected:
+        raise checkpoint.CheckpointError(f"the checkpoint has weights this model lacks: {sorted(unexpected)[0]!r}.")
+    missing = set(checkpoint.mutable_state(model, frozen_changes)) - set(ckpt.model)
+    if missing:
+        raise checkpoint.CheckpointError(f"the checkpoint lacks weights this run trains: {sorted(missing)[0]!r} "
+                                         f"({len(missing)} in all); it cannot be resumed exactly.")
+    wrong = next((k for k, t in ckpt.model.items() if t.shape != state[k].shape), None)
+    if wrong is not None:
+        raise checkpoint.CheckpointError(f"the checkpoint's {wrong!r} has shape {tuple(ckpt.model[wrong].shape)}, the "
+                                         f"model's {tuple(state[wrong].shape)}; it belongs to another model: start "
+                                         f"over with --overwrite.")
+    try:
         model.load_state_dict(ckpt.model, strict=False)
         setup.optimizer.load_state_dict(ckpt.state["optimizer"])
         setup.scheduler.load_state_dict(ckpt.state["scheduler"])
         if setup.alpha is not None:
             setup.alpha.load_state_dict(ckpt.state["alpha"])
         checkpoint.set_rng_state(ckpt.state["rng"])
-        start, elapsed = ckpt.step, float(ckpt.state.get("elapsed", 0.0))
-        log(f"resumed from step {start}")
-    metrics = MetricsLog(out, keep_until=start if cfg.resume else None, tensorboard=cfg.tensorboard)
-
-    collate = task.collate(tokenizer, cfg.max_length)
-    order = BatchOrder(len(train_examples), cfg.batch_size, cfg.seed)
-    holdout_order = BatchOrder(len(holdout), min(cfg.batch_size, len(holdout)), cfg.seed + 1) if holdout else None
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
-    step_times: list[float] = []
-    last_eval: dict[str, float] = {}
-
-    def save_checkpoint(step: int) -> None:
-        state = {"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
-                 "rng": checkpoint.rng_state(), "elapsed": elapsed}
-        if setup.alpha is not None:
-            state["alpha"] = setup.alpha.state_dict()
-        tensors = checkpoint.mutable_state(model, frozen_changes)
-        bad = next((name for name, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())),
-                   None)
-        if bad is not None:  # keep the last good checkpoint rather than one that cannot be resumed
-            raise TrainingError(f"{bad} became NaN or infinite by step {step}; lower --lr (or --scalora-c for "
-                                f"ScaLoRA) and resume from the last checkpoint with --resume.")
-        checkpoint.save(out, cfg, step, tensors, state)
-
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
-    try:
-        for step in range(start + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            ks = range((step - 1) * cfg.grad_accum, step * cfg.grad_accum)
-            batches = [collate([train_examples[i] for i in order(k)]) for k in ks]
-            loss = train_step(model, batches)
-            grad_norm = float("nan")
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm))
-                if not math.isfinite(grad_norm):  # clipping would turn the weights into NaN
-                    raise TrainingError(f"the gradient became NaN or infinite at step {step}; lower --lr (or "
-                                        f"--scalora-c for ScaLoRA) and resume from the last checkpoint with --resume.")
-            lr = setup.scheduler.get_last_lr()[0]
-            setup.optimizer.step()
-            setup.scheduler.step()
-            setup.optimizer.zero_grad(set_to_none=True)
-            row: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-            if setup.alpha is not None:
-                held = collate([holdout[i] for i in holdout_order(step // cfg.alpha_every)])
-                alpha_loss = setup.alpha.step(step, lambda held=held: model(**held).loss)
-                if alpha_loss is not None:
-                    row["alpha/heldout_loss"] = alpha_loss
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            step_times.append(dt)
-            row["step_time"] = dt
-            row["examples_per_s"] = cfg.batch_size * cfg.grad_accum / dt
-            if isinstance(setup.optimizer, ScaLoRA) and setup.optimizer.last_stats.step == step:
-                row.update(setup.optimizer.last_stats.as_dict())
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                last_eval = _evaluate(cfg, task, model, tokenizer)
-                row.update(last_eval)
-                row.update(tracker.measure(model))
-                model.train()
-            if step % cfg.log_every == 0 or len(row) > 6:
-                metrics.write(row)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{row['examples_per_s']:.1f}")
-            bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                save_checkpoint(step)
-    finally:
-        bar.close()
-        metrics.close()
-
-    if start == cfg.steps:  # nothing left to run: evaluate the resumed weights for the report
-        last_eval = _evaluate(cfg, task, model, tokenizer)
-    rank = tracker.measure(model)
-    saved = _save_result(cfg, out, model, tokenizer, pretrained)
-    losses = [r["loss"] for r in metrics.rows if "loss" in r]
-    timed = step_times[2:] if len(step_times) > 4 else step_times
-    summary = {
-        "method": cfg.method, "model": cfg.model, "task": task.name, "steps": cfg.steps, "seed": cfg.seed,
-        "metric": task.metric, "eval": last_eval.get(f"eval/{task.metric}", math.nan), "label_names": task.label_names,
-        "final_train_loss": statistics.fmean(losses[-10:]) if losses else math.nan,
-        "wall_time_s": elapsed, "median_step_s": statistics.median(timed) if timed else math.nan,
-        "peak_rss_mib": _peak_rss_mib(),
-        "trainable_params": trainable, "total_params": total, **rank, "saved": saved, "config": cfg.to_dict(),
-    }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-    log(f"{cfg.method}: {task.metric} {summary['eval']:.4f}, final train loss {summary['final_train_loss']:.4f}, "
-        f"{elapsed:.1f} s; results in {out}")
-    return RunResult(out, summary)
+        elapsed = float(ckpt.state.get("elapsed", 0.0))
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise checkpoint.CheckpointError(f"the training state of the checkpoint in {out} does not fit this run "
+                                         f"({type(exc).__name__}: {exc}); start over with --overwrite.") from None
+    return ckpt.step, elapsed
