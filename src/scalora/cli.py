@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from scalora.errors import ConfigError, ScaloraError
+from scalora.optim import RULES
 from scalora.train import assets, report
 from scalora.train.compare import config_from_values, option_flag, parse_list, plan_jobs, run_comparison
 from scalora.train.config import METHODS, SCHEDULES, TrainConfig
@@ -82,7 +83,11 @@ FIELD_HELP: dict[str, str] = {
     "schedule": "learning-rate schedule after the warm-up",
     "max_grad_norm": "clip the gradient norm to this ('none' for no clipping)",
     "seed": "random seed of the data split, data order, initialisation and dropout",
-    "scalora_c": "ScaLoRA's c = L·η of the scaling problem (larger c gives smaller scales)",
+    "scalora_rule": "ScaLoRA's scaling rule: 'optimizer' fits the step AdamW will take; 'paper' is the published "
+                    "closed form (a plain gradient step)",
+    "scalora_c": "ScaLoRA's c = L·η of the scaling problem (larger c gives smaller scales); none: 'auto' for the "
+                 "optimizer rule (the largest c whose step stays first-order accurate), 1 for the paper rule",
+    "scalora_tau": "second- to first-order ratio of the next step that the automatic c allows",
     "scalora_interval": "rescale every N steps (default: 1 for scalora, 10 for scalora-i)",
     "scalora_mode": "ScaLoRA scales: one per column of the factors, or one scalar per factor",
     "scalora_transfer_moments": "ScaLoRA: rescale the optimiser's moments with the factors (off: the ablation)",
@@ -112,13 +117,15 @@ _GROUPS: dict[str, tuple[str, ...]] = {
     "adapters": ("r", "lora_alpha", "lora_dropout", "target_modules"),
     "optimisation": ("lr", "weight_decay", "batch_size", "grad_accum", "steps", "warmup_steps", "schedule",
                      "max_grad_norm", "seed"),
-    "method-specific": ("scalora_c", "scalora_interval", "scalora_mode", "scalora_transfer_moments", "alpha_lr",
-                        "alpha_every", "alpha_holdout", "relora_every", "relora_prune", "relora_warmup"),
+    "method-specific": ("scalora_rule", "scalora_c", "scalora_tau", "scalora_interval", "scalora_mode",
+                        "scalora_transfer_moments", "alpha_lr", "alpha_every", "alpha_holdout", "relora_every",
+                        "relora_prune", "relora_warmup"),
     "evaluation, logging and output": ("eval_every", "eval_limit", "eval_batch_size", "log_every", "save_every",
                                        "rank_layers", "output_dir", "resume", "overwrite", "export_rank", "progress",
                                        "tensorboard"),
 }
-_CHOICES: dict[str, Sequence[str]] = {"method": METHODS, "schedule": SCHEDULES, "scalora_mode": ("column", "scalar")}
+_CHOICES: dict[str, Sequence[str]] = {"method": METHODS, "schedule": SCHEDULES, "scalora_mode": ("column", "scalar"),
+                                     "scalora_rule": RULES}
 _EXTRA_FLAGS: dict[str, tuple[str, ...]] = {"r": ("--rank",)}
 _REGEX_CHARS = set("\\^$.|?*+()[]{}")
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from scalora.errors import ConfigError
+from scalora.optim import DEFAULT_TAU, RULES
 
 METHODS = ("full", "lora", "rslora", "alpha-lora", "scalora", "scalora-i", "relora")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -45,7 +46,9 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     # method-specific
-    scalora_c: float = 1.0
+    scalora_rule: str = "optimizer"  # "optimizer" (fits the optimiser's next step) or "paper"
+    scalora_c: float | None = None  # None: "auto" for the optimiser-aware rule, 1.0 for the paper's
+    scalora_tau: float = DEFAULT_TAU
     scalora_interval: int | None = None  # 1 for scalora, 10 for scalora-i
     scalora_mode: str = "column"
     scalora_transfer_moments: bool = True
@@ -74,6 +77,8 @@ class TrainConfig:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        if self.scalora_rule not in RULES:
+            raise ConfigError(f"scalora_rule must be one of {', '.join(RULES)}, got {self.scalora_rule!r}.")
         if self.scalora_mode not in ("column", "scalar"):
             raise ConfigError(f"scalora_mode must be 'column' or 'scalar', got {self.scalora_mode!r}.")
         for name in ("r", "batch_size", "grad_accum", "steps", "max_length", "eval_batch_size", "alpha_every",
@@ -87,7 +92,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a whole number ≥ 0, got {value!r}.")
-        for name in ("lora_alpha", "scalora_c", "alpha_lr"):
+        if self.scalora_c is not None and not self.scalora_c > 0:
+            raise ConfigError(f"scalora_c must be positive (or none for the rule's default), got {self.scalora_c!r}.")
+        for name in ("lora_alpha", "scalora_tau", "alpha_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}.")
         if self.lr is not None and not self.lr > 0:
@@ -127,11 +134,20 @@ class TrainConfig:
         return cls(**data)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define the computation (a resumed run must agree on all of them)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        """The fields that define the computation (a resumed run must agree on all of them).
+
+        Fields added later are left out while they hold the value that runs written before them implied, so those
+        runs still resume (with ``--scalora-rule paper --scalora-c 1`` for a ScaLoRA run of that time).
+        """
+        return {k: v for k, v in self.to_dict().items()
+                if k not in _NOT_IDENTITY and not (k in _IMPLIED_BEFORE and v == _IMPLIED_BEFORE[k])}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: fields added after runs were first written, with the value those runs implied
+_IMPLIED_BEFORE: dict[str, Any] = {"scalora_rule": "paper", "scalora_tau": DEFAULT_TAU}
 
 
 def _positive_int(name: str, value: Any) -> None:

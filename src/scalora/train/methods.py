@@ -80,8 +80,8 @@ def build(cfg: TrainConfig, model: nn.Module) -> Setup:
     inner = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     optimizer: torch.optim.Optimizer = inner
     if cfg.method in ("scalora", "scalora-i"):
-        optimizer = ScaLoRA(model, inner, interval=cfg.interval, c=cfg.scalora_c, mode=cfg.scalora_mode,
-                            transfer_moments=cfg.scalora_transfer_moments)
+        optimizer = ScaLoRA(model, inner, interval=cfg.interval, rule=cfg.scalora_rule, c=cfg.scalora_c,
+                            tau=cfg.scalora_tau, mode=cfg.scalora_mode, transfer_moments=cfg.scalora_transfer_moments)
     elif cfg.method == "relora":
         optimizer = ReLoRA(model, inner, reset_every=cfg.reset_every, prune=cfg.relora_prune)
     if cfg.method == "relora":
