@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -12,6 +14,8 @@ from scalora.optim import DEFAULT_TAU, RULES
 
 METHODS = ("full", "lora", "rslora", "alpha-lora", "scalora", "scalora-i", "relora")
 SCHEDULES = ("linear", "cosine", "constant")
+INT_MAX = 2**31 - 1  # counts and sizes beyond this are typos (and overflow torch's 32-bit arguments)
+SEED_MAX = 2**32 - 1
 # Fields that do not change the computation: a run may be resumed with other values for them.
 _NOT_IDENTITY = {"output_dir", "resume", "overwrite", "log_every", "eval_every", "save_every", "progress",
                  "export_rank", "tensorboard", "eval_batch_size", "eval_limit", "rank_layers"}
@@ -73,36 +77,46 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
-        if self.scalora_rule not in RULES:
-            raise ConfigError(f"scalora_rule must be one of {', '.join(RULES)}, got {self.scalora_rule!r}.")
-        if self.scalora_mode not in ("column", "scalar"):
-            raise ConfigError(f"scalora_mode must be 'column' or 'scalar', got {self.scalora_mode!r}.")
+        """Every field's type and range, checked before anything is loaded or written."""
+        for name in ("model", "output_dir"):
+            _text(name, getattr(self, name))
+        for name in ("task", "train_file", "eval_file"):
+            if getattr(self, name) is not None:
+                _text(name, getattr(self, name))
+        for name, choices in (("method", METHODS), ("schedule", SCHEDULES), ("scalora_rule", RULES),
+                              ("scalora_mode", ("column", "scalar"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}.")
         for name in ("r", "batch_size", "grad_accum", "steps", "max_length", "eval_batch_size", "alpha_every",
                      "alpha_holdout", "relora_warmup", "log_every"):
-            _positive_int(name, getattr(self, name))
+            _whole(name, getattr(self, name), 1)
         for name in ("scalora_interval", "relora_every", "export_rank", "train_size", "eval_size", "eval_limit",
                      "max_new_tokens"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+                _whole(name, getattr(self, name), 1)
         for name in ("warmup_steps", "eval_every", "save_every", "rank_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be a whole number ≥ 0, got {value!r}.")
-        if self.scalora_c is not None and not self.scalora_c > 0:
-            raise ConfigError(f"scalora_c must be positive (or none for the rule's default), got {self.scalora_c!r}.")
+            _whole(name, getattr(self, name), 0)
+        _whole("seed", self.seed, 0, SEED_MAX)
         for name in ("lora_alpha", "scalora_tau", "alpha_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}.")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr!r}.")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be positive (or None for no clipping), got {self.max_grad_norm!r}.")
-        if not 0.0 <= self.relora_prune <= 1.0:
-            raise ConfigError(f"relora_prune must be in [0, 1], got {self.relora_prune!r}.")
+            _number(name, getattr(self, name), "> 0", lambda v: v > 0)
+        for name in ("lr", "max_grad_norm", "scalora_c"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), "> 0 (or None for the default)", lambda v: v > 0)
+        _number("weight_decay", self.weight_decay, "≥ 0", lambda v: v >= 0)
+        _number("lora_dropout", self.lora_dropout, "in [0, 1)", lambda v: 0 <= v < 1)
+        _number("relora_prune", self.relora_prune, "in [0, 1]", lambda v: 0 <= v <= 1)
+        for name in ("scalora_transfer_moments", "resume", "overwrite", "progress", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if not (isinstance(self.target_modules, str) and self.target_modules.strip()) and not (
+            isinstance(self.target_modules, list) and self.target_modules
+            and all(isinstance(m, str) and m.strip() for m in self.target_modules)
+        ):
+            raise ConfigError(f"target_modules must be 'all-linear', a regex or a non-empty list of module names, "
+                              f"got {self.target_modules!r}.")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
+                              "--output-dir, --overwrite replaces it; pass one of them.")
         if self.task is None and self.train_file is None and self.eval_file is None:
             self.task = "sarcasm"
 
@@ -150,6 +164,17 @@ class TrainConfig:
 _IMPLIED_BEFORE: dict[str, Any] = {"scalora_rule": "paper", "scalora_tau": DEFAULT_TAU}
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+def _whole(name: str, value: Any, low: int, high: int = INT_MAX) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        kind = "a positive integer" if low == 1 else f"a whole number ≥ {low}"
+        raise ConfigError(f"{name} must be {kind} (at most {high}), got {value!r}.")
+
+
+def _number(name: str, value: Any, rule: str, holds: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not holds(value):
+        raise ConfigError(f"{name} must be a finite number {rule}, got {value!r}.")
+
+
+def _text(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a non-empty string, got {value!r}.")
