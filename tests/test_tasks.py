@@ -292,12 +292,12 @@ def test_extract_number(text: str, expected: str | None) -> None:
 
 def test_jsonl_classification_with_string_labels(tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": ["pos", "neg"][i % 2]} for i in range(6)])
-    ev = write_jsonl(tmp_path / "eval.jsonl", [{"text": "e1", "label": "neutral"}, {"text": "e2", "label": "pos"}])
+    ev = write_jsonl(tmp_path / "eval.jsonl", [{"text": "e1", "label": "neg"}, {"text": "e2", "label": "pos"}])
     task = load_task(train_file=train, eval_file=ev)
     assert isinstance(task, ClassificationTask)
-    assert task.label_names == ["neg", "neutral", "pos"] and task.num_labels == 3
-    assert [ex["label"] for ex in task.train] == [2, 0, 2, 0, 2, 0]
-    assert [ex["label"] for ex in task.eval] == [1, 2]
+    assert task.label_names == ["neg", "pos"] and task.num_labels == 2
+    assert [ex["label"] for ex in task.train] == [1, 0, 1, 0, 1, 0]
+    assert [ex["label"] for ex in task.eval] == [0, 1]
     assert task.name == "train" and task.metric == "accuracy"
 
 

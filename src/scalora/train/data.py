@@ -40,6 +40,7 @@ FIELDS: dict[DataKind, tuple[str, str]] = {
     "causal_lm": ("prompt", "completion"),
 }
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+MAX_CLASSES = 10_000  # integer labels are class ids: a larger one is a typo (and would build that many outputs)
 T = TypeVar("T")
 
 
@@ -97,6 +98,9 @@ def _json_lines(path: Path, text: str) -> Iterable[tuple[int, dict[str, Any]]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+        except RecursionError:
+            raise DataError(f"{path} line {lineno}: the JSON value is nested too deeply to read; flatten the "
+                            f"record to plain fields") from None
         if not isinstance(record, dict):
             raise DataError(
                 f"{path} line {lineno}: expected a JSON object with {_expected()}, got {type(record).__name__}"
@@ -189,8 +193,10 @@ def encode_labels(rows: Sequence[LabelledRow]) -> tuple[list[int], list[str]]:
     if all(not isinstance(r.label, bool) and (isinstance(r.label, int) or _INT.fullmatch(r.label)) for r in rows):
         ids = [int(r.label) for r in rows]
         for r, i in zip(rows, ids, strict=True):
-            if i < 0:
-                raise DataError(f"{r.where}: label {r.label!r} is negative; integer labels must be 0, 1, 2, ...")
+            if not 0 <= i < MAX_CLASSES:
+                raise DataError(f"{r.where}: label {r.label!r} is not a class id: integer labels must be 0, 1, 2, "
+                                f"... below {MAX_CLASSES} (one model output each); give other values as names "
+                                f"(strings)")
         return ids, [str(i) for i in range(max(ids) + 1)]
     names = sorted({_label_name(r.label) for r in rows})
     index = {n: i for i, n in enumerate(names)}

@@ -544,12 +544,23 @@ def _classification_from_rows(
     train_rows: list[data.LabelledRow],
     eval_rows: list[data.LabelledRow],
     label_names: list[str] | None = None,
+    *,
+    eval_separate: bool = False,
 ) -> ClassificationTask:
-    """Labels become ids (see :func:`data.encode_labels`), unless ``label_names`` says they already are."""
+    """Labels become ids (see :func:`data.encode_labels`), unless ``label_names`` says they already are. With
+    ``eval_separate`` (eval rows from their own file), an eval label the training rows lack is an error: it would
+    add a class the model never learns."""
     if label_names is None:
         ids, names = data.encode_labels(train_rows + eval_rows)
     else:
         ids, names = [int(r.label) for r in train_rows + eval_rows], list(label_names)
+    trained = set(ids[: len(train_rows)])
+    unseen = next((row for row, i in zip(eval_rows, ids[len(train_rows) :], strict=True) if i not in trained), None)
+    if eval_separate and train_rows and unseen is not None:
+        raise DataError(
+            f"{unseen.where}: label {unseen.label!r} does not occur in the training data, so the model would get a "
+            f"class it never learns; fix the label, or add training rows with it"
+        )
     examples = []
     for row, label in zip(train_rows + eval_rows, ids, strict=True):
         ex: dict[str, Any] = {"text": row.text, "label": label}
@@ -595,7 +606,7 @@ def _task_from_files(
         train_rows, eval_rows = data.hold_out(train_rows, eval_size, seed, str(train_file))
     train_rows = data.subsample(train_rows, train_size, seed)
     if kind == "classification":
-        return _classification_from_rows(name, train_rows, eval_rows)
+        return _classification_from_rows(name, train_rows, eval_rows, eval_separate=ev is not None)
     task = GenerationTask(name=name, train=train_rows, eval=eval_rows)
     if max_new_tokens is not None:
         task.max_new_tokens = max_new_tokens
