@@ -473,16 +473,18 @@ def _resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["scalora", *kept, "--resume"])
 
 
-def _checkpoint_step(output_dir: Path) -> tuple[Path, int] | None:
+def _checkpoint_state(output_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The run's checkpoint folder and its trainer_state.json ({} when unreadable), or None without a checkpoint."""
     from scalora.train import checkpoint
 
     folder = checkpoint.find(output_dir)
     if folder is None:
         return None
     try:
-        return folder, int(json.loads((folder / "trainer_state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return folder, -1
+        meta = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        meta = {}
+    return folder, meta if isinstance(meta, dict) else {}
 
 
 def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -500,14 +502,18 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         result = train(cfg, log=print)
     except KeyboardInterrupt:
         out = Path(cfg.output_dir)
-        found = _checkpoint_step(out)
+        found = _checkpoint_state(out)
+        hint = "" if cfg.save_every else " (add --save-every N to write one every N steps)"
         if found is None:
-            hint = "" if cfg.save_every else " (add --save-every N to write one every N steps)"
             print(f"\ninterrupted before the first checkpoint was written{hint}; nothing to resume: run the "
                   f"command again to start over.", file=sys.stderr)
+        elif found[1].get("fingerprint") != cfg.fingerprint():  # an earlier run's: the new one never saved
+            print(f"\ninterrupted before this run's first checkpoint was written{hint}; the previous run in {out} "
+                  f"is kept as it was. Run the command again to start over.", file=sys.stderr)
         else:
-            folder, step = found
-            at = f"step {step} of {cfg.steps}" if step >= 0 else "unreadable step"
+            folder, meta = found
+            step = meta.get("step")
+            at = f"step {step} of {cfg.steps}" if isinstance(step, int) else "unreadable step"
             print(f"\ninterrupted. The last checkpoint is {folder} ({at}); resume with:\n  {_resume_command(argv)}",
                   file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -526,7 +532,7 @@ def _evaluation_target(args: argparse.Namespace) -> tuple[str, dict[str, Any], P
         run = Path(args.run)
         summary = report.read_summary(run)
         if summary is None or not isinstance(summary.get("config"), dict):
-            if _checkpoint_step(run) is not None:
+            if _checkpoint_state(run) is not None:
                 raise ScaloraError(f"the run in {run} has not finished (it has a checkpoint but no summary.json); "
                                    f"finish it with `scalora train ... --output-dir {run} --resume`.")
             raise ScaloraError(f"{run} holds no finished run (no summary.json); give the --output-dir of a "
@@ -570,11 +576,13 @@ def _cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise ConfigError(f"{flag} must be a positive integer, got {value}.")
     _quiet_libraries(args.verbose)
     from scalora.peft_format import load_adapter
+    from scalora.train.loop import check_max_length
     from scalora.train.models import load_model
     from scalora.train.tasks import load_task
 
     task = load_task(**task_args)
     model, tokenizer = load_model(model_name, task.kind, num_labels=task.num_labels)
+    check_max_length(max_length, model)
     if adapter is not None:
         load_adapter(model, adapter)
     start = time.perf_counter()

@@ -211,7 +211,7 @@ class AlphaLoRACallback(_Attachable):
 
     def load_checkpoint(self, folder: str | Path) -> None:
         """Restore the α optimiser's state from a Trainer checkpoint folder written with this callback."""
-        self.scheduler.load_state_dict(torch.load(Path(folder) / ALPHA_STATE, weights_only=False))
+        self.scheduler.load_state_dict(torch.load(Path(folder) / ALPHA_STATE, weights_only=True))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module | None = None, **kwargs: Any) -> None:

@@ -256,10 +256,7 @@ def _reason(exc: BaseException) -> str:
 
 def _check_model_fits(cfg: TrainConfig, model: nn.Module) -> None:
     """Options that only the loaded model can check: the sequence length and the export rank."""
-    limit = max_positions(model)
-    if limit is not None and cfg.max_length > limit:
-        raise ConfigError(f"--max-length {cfg.max_length} is longer than the model allows ({limit} positions); "
-                          f"use --max-length {limit} or less.")
+    check_max_length(cfg.max_length, model)
     if cfg.export_rank is not None:
         largest = min((min(layer.in_features, layer.out_features) for _, layer in lora_layers(model)), default=0)
         if cfg.export_rank > largest:
@@ -267,14 +264,14 @@ def _check_model_fits(cfg: TrainConfig, model: nn.Module) -> None:
                               f"({largest}); use --export-rank {largest} or less.")
 
 
-def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence the model's position embeddings allow, or None when it has no such limit."""
+def check_max_length(max_length: int, model: nn.Module) -> None:
+    """A `ConfigError` if sequences of `max_length` tokens are longer than the model's position embeddings allow."""
     config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+    limit = next((v for v in (getattr(config, n, None) for n in ("max_position_embeddings", "n_positions"))
+                  if isinstance(v, int)), None)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"--max-length {max_length} is longer than the model allows ({limit} positions); use "
+                          f"--max-length {limit} or less.")
 
 
 def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from safetensors import SafetensorError
 
 from scalora.errors import ScaloraError
 from scalora.train import assets
@@ -176,7 +177,7 @@ def load_model(
             raise ModelLoadError(f"{local} has no config.json, so it is not a transformers model folder")
         try:
             model, tokenizer = _from_pretrained(local, kind, num_labels, dtype)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weights file
             raise ModelLoadError(f"could not load the model folder {local}: {e}") from e
     elif _looks_like_path(name):
         raise ModelLoadError(
