@@ -42,6 +42,8 @@ from scalora.train.rundir import METRICS, SUMMARY, RunFolder
 from scalora.train.runlock import RunLock
 from scalora.train.tasks import Task, load_task
 
+_LOWER_LR = "lower --lr (or --scalora-c for ScaLoRA) and start over with --overwrite."
+
 
 class TrainingError(ScaloraError):
     """Training cannot go on (e.g. the loss became NaN)."""
@@ -217,7 +219,7 @@ def train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> floa
     for batch in batches:
         loss = model(**batch).loss
         if not torch.isfinite(loss):
-            raise TrainingError("the loss became NaN or infinite; lower --lr (or --scalora-c for ScaLoRA).")
+            raise TrainingError(f"the loss became NaN or infinite; {_LOWER_LR}")
         (loss / len(batches)).backward()
         total += float(loss.detach())
     return total / len(batches)
@@ -321,8 +323,7 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
             tensors = checkpoint.mutable_state(model, frozen_changes)
             bad = first_nonfinite(tensors.items())
             if bad is not None:  # keep the last good checkpoint rather than one that cannot be resumed
-                raise TrainingError(f"{bad} became NaN or infinite by step {step}; lower --lr (or --scalora-c for "
-                                    f"ScaLoRA).")
+                raise TrainingError(f"{bad} became NaN or infinite by step {step}; {_LOWER_LR}")
             checkpoint.save(run.current, cfg, step, tensors, state)
             run.saved(step)
 
@@ -338,8 +339,7 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
                 if cfg.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm))
                     if not math.isfinite(grad_norm):  # clipping would turn the weights into NaN
-                        raise TrainingError(f"the gradient became NaN or infinite at step {step}; lower --lr (or "
-                                            f"--scalora-c for ScaLoRA).")
+                        raise TrainingError(f"the gradient became NaN or infinite at step {step}; {_LOWER_LR}")
                 lr = setup.scheduler.get_last_lr()[0]
                 setup.optimizer.step()
                 setup.scheduler.step()
@@ -405,7 +405,8 @@ def _reported(run: RunFolder) -> Iterator[None]:
         if isinstance(exc, TrainingError):
             raise TrainingError(f"{exc} {run.kept()}") from None
         if isinstance(exc, (OSError, SafetensorError)):
-            raise RunFolderError(f"writing the run in {run.final} failed ({_reason(exc)}); {run.kept()}") from exc
+            raise RunFolderError(f"writing the run in {run.final} failed ({_reason(exc)}); free some space (or fix "
+                                 f"the folder's permissions) and run the command again. {run.kept()}") from exc
         raise
 
 

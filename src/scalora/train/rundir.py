@@ -94,12 +94,12 @@ class RunFolder:
         self.step = step
 
     def kept(self) -> str:
-        """What a failure at this moment leaves to continue from, and what to do next."""
+        """What a failure at this moment leaves in the folder, in a sentence."""
         if self.staged:
-            return f"The previous run in {self.final} is kept as it was; fix the cause and run the command again."
+            return f"The previous run in {self.final} is kept as it was."
         if self.step is not None:
-            return f"The checkpoint of step {self.step} is kept; fix the cause and resume with --resume."
-        return "No checkpoint was written (see --save-every); fix the cause and run the command again."
+            return f"This run's checkpoint of step {self.step} is kept: --resume continues from it."
+        return "This run wrote no checkpoint (see --save-every)."
 
     def promote(self) -> None:
         """Replace the earlier run by this one (once its first checkpoint is durable); a no-op when not staged."""
@@ -115,8 +115,9 @@ class RunFolder:
         checkpoint.fsync_dir(self.final)
 
     def discard(self) -> None:
-        """Remove a staged run that failed before its promotion; the earlier run stays as it was."""
-        if self.staged:
+        """Remove a staged run that failed before its promotion began (the earlier run stays as it was); a promotion
+        that began is finished by the next run's `recover` instead."""
+        if self.staged and not any((self.final / name).exists() for name in (_REPLACING, _REPLACED)):
             shutil.rmtree(self.current, ignore_errors=True)
 
 

@@ -57,9 +57,13 @@ class RunLock:
                 self._fd = fd
             else:  # the previous owner removed the file between our open and our lock: lock the current one
                 os.close(fd)
-        self.previous_owner = _read_pid(self._fd)
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        try:
+            self.previous_owner = _read_pid(self._fd)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        except BaseException:  # e.g. a full disk: leave no lock behind
+            self.release()
+            raise
 
     def release(self) -> None:
         """Give the lock up (the lock file goes with it)."""
