@@ -139,11 +139,12 @@ def test_overwrite_replaces_the_run_only_after_its_first_checkpoint(files: dict[
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.jsonl", "model", "summary.json"]
 
 
-@pytest.mark.parametrize("where", ["weights", "training state"])
+@pytest.mark.parametrize("where", ["weights", "training state", "results"])
 def test_full_disk_during_overwrite_keeps_the_previous_run(where: str, files: dict[str, Path], tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
-    """ENOSPC as safetensors (the weights) and as the OS (the training state) report it."""
+    """ENOSPC as safetensors (the weights) and as the OS (the training state, the adapter after the last
+    checkpoint) report it."""
     run, before = old_run(files, tmp_path)
 
     def full(*args: Any, **kwargs: Any) -> None:
@@ -151,7 +152,9 @@ def test_full_disk_during_overwrite_keeps_the_previous_run(where: str, files: di
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint if where == "weights" else statefile, "save_file", full)
+    module, name = {"weights": (checkpoint, "save_file"), "training state": (statefile, "save_file"),
+                    "results": (loop, "save_adapter")}[where]
+    monkeypatch.setattr(module, name, full)
     err = user_error(capsys, train_args(files, run, "--overwrite", "--method", "rslora"))
     assert "No space left on device" in err and "previous run" in err
     assert snapshot(run) == before

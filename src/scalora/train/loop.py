@@ -176,25 +176,28 @@ def _split_holdout(cfg: TrainConfig, task: Task) -> tuple[list[dict], list[dict]
     return task.train[: -cfg.alpha_holdout], task.train[-cfg.alpha_holdout:]
 
 
-def _save_result(cfg: TrainConfig, out: Path, model: nn.Module, tokenizer: Any,
+def _save_result(cfg: TrainConfig, run: RunFolder, model: nn.Module, tokenizer: Any,
                  pretrained: dict[str, torch.Tensor] | None) -> dict[str, str]:
-    """Adapter (lora, rslora, alpha-lora) or merged model (full, scalora*, relora), plus the rank-k export."""
+    """Adapter (lora, rslora, alpha-lora) or merged model (full, scalora*, relora), plus the rank-k export, written
+    into the run's current folder; returns where each will be once the run is in its final folder."""
     saved: dict[str, str] = {}
     if pretrained is not None and cfg.export_rank is not None:
-        report = export_lora(model, pretrained, cfg.export_rank, out / f"adapter-rank{cfg.export_rank}",
-                             base_model_name_or_path=cfg.model)
-        saved["export"] = str(report.folder)
+        name = f"adapter-rank{cfg.export_rank}"
+        report = export_lora(model, pretrained, cfg.export_rank, run.current / name, base_model_name_or_path=cfg.model)
+        saved["export"] = str(run.final / name)
         saved["export_max_residual"] = f"{report.max_residual:.4g}"
     if cfg.method in ("lora", "rslora", "alpha-lora"):
-        saved["adapter"] = str(save_adapter(model, out / "adapter"))
+        save_adapter(model, run.current / "adapter")
+        saved["adapter"] = str(run.final / "adapter")
         return saved
     plain = merge(model) if any(True for _ in lora_layers(model)) else model
-    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=run.current))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        saved["model"] = str(checkpoint.replace_dir(tmp, out / "model"))
+        checkpoint.replace_dir(tmp, run.current / "model")
+        saved["model"] = str(run.final / "model")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return saved
@@ -325,7 +328,9 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
             if bad is not None:  # keep the last good checkpoint rather than one that cannot be resumed
                 raise TrainingError(f"{bad} became NaN or infinite by step {step}; {_LOWER_LR}")
             checkpoint.save(run.current, cfg, step, tensors, state)
-            run.saved(step)
+            run.step = step
+            if step < cfg.steps:  # the last step's checkpoint replaces an earlier run only with the results
+                run.promote()
 
         model.train()
         bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
@@ -375,7 +380,7 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
         if start == cfg.steps:  # nothing left to run: evaluate the resumed weights for the report
             last_eval = _evaluate(cfg, task, model, tokenizer)
         rank = tracker.measure(model)
-        results = _save_result(cfg, out, model, tokenizer, pretrained)
+        results = _save_result(cfg, run, model, tokenizer, pretrained)
         losses = [r["loss"] for r in metrics.rows if "loss" in r]
         timed = step_times[2:] if len(step_times) > 4 else step_times
         summary = {
@@ -388,7 +393,8 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
             "trainable_params": trainable, "total_params": total, **rank, "saved": results, "config": cfg.to_dict(),
         }
         text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
-        atomic_write(out / SUMMARY, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(run.current / SUMMARY, lambda tmp: Path(tmp).write_text(text))
+        run.promote()
         log(f"{cfg.method}: {task.metric} {summary['eval']:.4f}, final train loss {summary['final_train_loss']:.4f}, "
             f"{elapsed:.1f} s; results in {out}")
         return RunResult(out, summary)

@@ -1,9 +1,10 @@
 """The run folder: what a run leaves in ``--output-dir``, and how a new run replaces an old one without losing it.
 
 A run that starts where files of an earlier run lie (``--overwrite``) writes into ``<output_dir>/.new-run`` until
-its first checkpoint is complete and on disk. Only then does `RunFolder.promote` move the earlier run's files into
-``.replaced`` and the new ones into place; from then on the run writes into the folder itself. So a failure or a
-kill before that moment leaves the earlier run as it was, and one after it leaves the new run, resumable.
+it has finished, or, with ``--save-every``, until its first checkpoint is complete and on disk. Only then does
+`RunFolder.promote` move the earlier run's files into ``.replaced`` and the new ones into place; from then on the
+run writes into the folder itself. So a failure or a kill before that moment leaves the earlier run as it was, and
+one after it leaves the new run, resumable.
 `recover` (run at the start of every run, under the folder's lock) finishes a promotion that a kill interrupted
 and removes what such a kill left half written.
 """
@@ -88,11 +89,6 @@ class RunFolder:
     def staged(self) -> bool:
         return self.current != self.final
 
-    def saved(self, step: int) -> None:
-        """A checkpoint of `step` is durable in `current`: the run now replaces the earlier one, if any."""
-        self.promote()
-        self.step = step
-
     def kept(self) -> str:
         """What a failure at this moment leaves in the folder, in a sentence."""
         if self.staged:
@@ -102,7 +98,8 @@ class RunFolder:
         return "This run wrote no checkpoint (see --save-every)."
 
     def promote(self) -> None:
-        """Replace the earlier run by this one (once its first checkpoint is durable); a no-op when not staged."""
+        """Replace the earlier run by this one (called once a checkpoint of it is durable: its first one, or the last
+        one with the results); a no-op when not staged."""
         if not self.staged:
             return
         replacing = self.final / _REPLACING
