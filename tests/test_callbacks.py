@@ -17,7 +17,7 @@ from scalora.alpha_lora import AlphaScheduler, adapter_parameters, alpha_paramet
 from scalora.errors import ConfigError
 from scalora.optim import ScaLoRA
 from scalora.rank import snapshot_base_weights, update_ranks
-from scalora.train.callbacks import ALPHA_STATE, AlphaLoRACallback, ScaloraCallback, find_scalora
+from scalora.train.callbacks import ALPHA_STATE, AlphaLoRACallback, ScaloraCallback, find_scalora, prepare_trainer
 from scalora.train.models import tiny_model
 
 R = 2
@@ -201,7 +201,7 @@ def test_alpha_lora_callback_checkpoint_and_refusals(tmp_path: Path) -> None:
     optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-2)
     args = arguments(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2)
     trainer = trainer_for(model, tokenizer, args, (optimizer, None), [AlphaLoRACallback(scheduler, held_out)])
-    trainer.train()
+    prepare_trainer(trainer).train()  # checkpoints of an adapted model
     saved = torch.load(tmp_path / "run" / "checkpoint-4" / ALPHA_STATE, weights_only=False)
     assert (tmp_path / "run" / "checkpoint-2" / ALPHA_STATE).is_file()
     assert saved["optimizer"]["state"][0]["step"] == 2  # two α steps by step 4

@@ -3,6 +3,7 @@
 from scalora.alpha_lora import AlphaScheduler, adapter_parameters
 from scalora.config import LoraConfig, lora_scaling
 from scalora.errors import AdapterFileError, ConfigError, ScaloraError
+from scalora.factors import LoraFactors, lora_factors
 from scalora.layers import LoraLayer
 from scalora.model import (
     apply_lora,
@@ -15,11 +16,11 @@ from scalora.model import (
     unmerge,
 )
 from scalora.optim import ScaLoRA
+from scalora.peft_config import get_peft_model
 from scalora.peft_format import load_adapter, save_adapter
 from scalora.rank import effective_rank, export_lora, snapshot_base_weights, update_ranks
 from scalora.relora import ReLoRA
 
-get_peft_model = apply_lora  # the name PEFT users reach for first
 merge_and_unload = merge
 
 __all__ = [
@@ -34,12 +35,14 @@ __all__ = [
     "update_ranks",
     "ConfigError",
     "LoraConfig",
+    "LoraFactors",
     "LoraLayer",
     "ScaloraError",
     "apply_lora",
     "disable_adapters",
     "get_peft_model",
     "load_adapter",
+    "lora_factors",
     "lora_layers",
     "lora_scaling",
     "merge",

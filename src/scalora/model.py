@@ -11,6 +11,7 @@ from torch import nn
 from scalora.config import ALL_LINEAR, LoraConfig
 from scalora.errors import ConfigError
 from scalora.layers import Conv1D, Embedding, LoraLayer, check_rank, lora_layer_class
+from scalora.save_guard import guard_saves
 
 CONFIG_ATTR = "scalora_config"
 # Names of output heads that "all-linear" leaves alone (besides the model's own get_output_embeddings()).
@@ -80,7 +81,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wrap the targeted modules of `model` in LoRA layers, in place, and freeze everything else.
 
     Trainable afterwards: every A and B, the α vectors (if ``config.alpha_vector``) and `modules_to_save`.
-    Returns the same model, which remembers its config as ``model.scalora_config``.
+    Returns the same model, which remembers its config as ``model.scalora_config``; its ``save_pretrained`` (if
+    any) refuses to write the wrapped weights (`scalora.save_guard`): save ``merge(model)`` or the adapter.
     """
     plan = plan_lora(model, config)
     to_save = [name for name, _ in model.named_modules() if name and config.is_module_to_save(name)]
@@ -97,6 +99,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     for name in to_save:
         model.get_submodule(name).requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+    guard_saves(model)
     return model
 
 

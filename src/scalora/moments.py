@@ -18,24 +18,52 @@ _QUADRATIC = ("exp_avg_sq", "max_exp_avg_sq", "sum")
 _ABSOLUTE = ("exp_inf",)
 MOMENT_KEYS = _LINEAR + _QUADRATIC + _ABSOLUTE
 
-#: optimisers whose whole per-parameter state is made of the moments above (plus step counters)
-TRANSFORMABLE = ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad")
+#: per-parameter counters that a rescaling leaves alone (NAdam's running product of its momentum schedule)
+_COUNTERS = ("step", "mu_product")
+
+#: torch optimisers, subclasses included, whose update rule is a function of the moments above
+TRANSFORMABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
+                 torch.optim.Adamax, torch.optim.Adagrad)
+
+_USE_INSTEAD = (f"Use one of torch.optim.{', torch.optim.'.join(cls.__name__ for cls in TRANSFORMABLE)} (or a "
+                f"subclass): the LoRA factors' optimiser state is small (2·r·(in + out) numbers per layer), so 8-bit "
+                f"or paged states would save almost nothing.")
 
 
 def check_transformable(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse optimisers whose state cannot be transformed exactly (e.g. factored Adafactor, 8-bit states)."""
-    name = type(optimizer).__name__
-    if type(optimizer).__module__.startswith("torch.optim") and name in TRANSFORMABLE:
+    """Refuse optimisers whose state cannot be transformed exactly: any that is not one of `TRANSFORMABLE` (nor a
+    subclass), with the reason for bitsandbytes' 8-bit (block-wise quantised) and paged optimisers.
+
+    A subclass that keeps state of its own is refused by `check_moments` when that state appears.
+    """
+    if isinstance(optimizer, TRANSFORMABLE):
         return
-    raise ConfigError(
-        f"{name} keeps optimiser state that cannot be rescaled exactly (ScaLoRA must transform the moments when it "
-        f"rescales the factors). Use one of torch.optim.{', torch.optim.'.join(TRANSFORMABLE)}."
-    )
+    name = type(optimizer).__name__
+    if getattr(getattr(optimizer, "args", None), "optim_bits", 32) == 8:
+        reason = (f"{name} stores its moments in 8 bits, quantised block by block against a shared maximum: "
+                  f"rescaling single rows or columns would re-quantise them, so the transfer could not be exact.")
+    elif getattr(optimizer, "is_paged", False):
+        reason = (f"{name} keeps its moments in paged memory under bitsandbytes' own names (state1, state2), whose "
+                  f"meaning depends on the algorithm; ScaLoRA transforms only moments whose update rule it knows.")
+    else:
+        reason = (f"{name} keeps optimiser state that cannot be rescaled exactly by ScaLoRA, which transforms only the "
+                  f"moments of optimisers whose update rule it knows.")
+    raise ConfigError(f"{reason} {_USE_INSTEAD}")
+
+
+def check_moments(state: dict) -> None:
+    """Refuse (`ConfigError`) per-parameter state that `scale_moments` does not know, e.g. kept by a subclass."""
+    unknown = [key for key, value in state.items()
+               if isinstance(value, torch.Tensor) and key not in MOMENT_KEYS + _COUNTERS]
+    if unknown:
+        raise ConfigError(f"the optimiser keeps per-parameter state {unknown[0]!r}, which ScaLoRA cannot rescale "
+                          f"exactly (it knows {', '.join(MOMENT_KEYS)}). {_USE_INSTEAD}")
 
 
 @torch.no_grad()
 def scale_moments(state: dict, factor: torch.Tensor) -> None:
-    """Transform one parameter's optimiser state for gradients multiplied by `factor` (broadcastable)."""
+    """Transform one parameter's optimiser state for gradients multiplied by `factor` (broadcastable); see
+    `check_moments` for state it does not know."""
     for key in _LINEAR:
         if isinstance(state.get(key), torch.Tensor):
             state[key].mul_(factor.to(state[key].dtype))

@@ -23,8 +23,8 @@ from torch import nn
 
 from scalora.directions import next_direction, scale_invariant
 from scalora.errors import ConfigError
-from scalora.layers import LoraLayer
-from scalora.moments import check_transformable, scale_moments
+from scalora.factors import LoraFactors
+from scalora.moments import check_moments, check_transformable, scale_moments
 from scalora.solver import COLUMN, IDENTITY, SCALAR, Scales, optimizer_system, solve_scales, solve_system
 from scalora.wrapper import OptimizerWrapper
 
@@ -56,9 +56,11 @@ class ScaLoRA(OptimizerWrapper):
     """ScaLoRA around an existing optimiser: ``ScaLoRA(model, torch.optim.AdamW(...), interval=1, c=1.0)``.
 
     Args:
-        model: the model with LoRA layers (``scalora.apply_lora``), possibly wrapped in DDP.
-        optimizer: the optimiser over the model's trainable parameters (SGD or an Adam-family torch optimiser:
-            their moments transform exactly; others are refused).
+        model: the model with LoRA layers, scalora's (``scalora.apply_lora``) or PEFT's (``peft.get_peft_model``,
+            its active adapter), possibly wrapped in DDP.
+        optimizer: the optimiser over the model's trainable parameters (SGD or an Adam-family torch optimiser, or a
+            subclass: their moments transform exactly; others, bitsandbytes' 8-bit and paged ones included, are
+            refused with the reason).
         interval: rescale every `interval` optimiser steps (ScaLoRA-I); steps are counted from 1, so a run shorter
             than `interval` is plain LoRA.
         rule: ``"optimizer"`` (default) fits the step the wrapped optimiser will actually take (Adam's step is
@@ -123,7 +125,7 @@ class ScaLoRA(OptimizerWrapper):
         self.identity_total = 0
         self.last_stats = ScalingStats()
         for _, layer in self.layers:
-            half = layer.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
+            half = layer.base_weight_oi().dtype in (torch.float16, torch.bfloat16)
             if compensate if compensate is not None else half:
                 layer.enable_compensation()
 
@@ -139,7 +141,7 @@ class ScaLoRA(OptimizerWrapper):
     @torch.no_grad()
     def rescale(self) -> ScalingStats:
         """Solve α, β for every layer with gradients, merge the residual, rescale factors, gradients, moments."""
-        groups: dict[tuple, list[LoraLayer]] = defaultdict(list)
+        groups: dict[tuple, list[LoraFactors]] = defaultdict(list)
         for _, layer in self.layers:
             if layer.lora_A.grad is None or layer.lora_B.grad is None:
                 continue
@@ -157,7 +159,7 @@ class ScaLoRA(OptimizerWrapper):
         self.last_stats = self._stats(kinds, alphas, betas)
         return self.last_stats
 
-    def _solve(self, layers: list[LoraLayer]) -> Scales:
+    def _solve(self, layers: list[LoraFactors]) -> Scales:
         """The scales of layers of one shape, by the paper's rule or from the wrapped optimiser's next step."""
         A = torch.stack([layer.lora_A for layer in layers])
         B = torch.stack([layer.lora_B for layer in layers])
@@ -180,9 +182,12 @@ class ScaLoRA(OptimizerWrapper):
         return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second, lr=lr,
                             tau=self.tau)
 
-    def _apply(self, layer: LoraLayer, alpha: torch.Tensor, beta: torch.Tensor) -> None:
+    def _apply(self, layer: LoraFactors, alpha: torch.Tensor, beta: torch.Tensor) -> None:
         """Merge s·B diag(1 − α⊙β) A into W0, then B ← B diag(α), A ← diag(β) A, and their gradients and moments."""
         A, B = layer.lora_A, layer.lora_B
+        if self.transfer_moments:  # before anything changes
+            check_moments(self.optimizer.state.get(B, {}))
+            check_moments(self.optimizer.state.get(A, {}))
         layer.fold_(B * (layer.scaling * (1.0 - alpha * beta)).to(B.dtype), A)
         alpha_b, beta_a = alpha.to(B.dtype), beta.to(A.dtype)
         B.mul_(alpha_b)

@@ -23,6 +23,7 @@ from torch import nn
 
 from scalora.config import LoraConfig
 from scalora.errors import AdapterFileError, ConfigError
+from scalora.factors import BASE_CHANGED
 from scalora.finite import first_nonfinite
 from scalora.layers import Embedding
 from scalora.model import apply_lora, get_config, lora_layers, plan_lora, require_module
@@ -44,15 +45,25 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in _parameters_by_key(model).items()}
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, folder: str | os.PathLike, *, allow_changed_base: bool = False) -> Path:
     """Write the adapter of `model` to `folder` in PEFT's format; each file is replaced atomically.
 
     The weights go first and the config last, each written to a temporary file and renamed over the old one,
-    so an interrupted save leaves the previous adapter files whole.
+    so an interrupted save leaves the previous adapter files whole. Refused when ScaLoRA or ReLoRA changed the
+    base weights (the file would lack those changes) unless ``allow_changed_base=True``.
     """
     layers = list(lora_layers(model))
     if any(layer.merged for _, layer in layers):
         raise ConfigError("the adapters are merged into the base weights; unmerge(model) before saving them.")
+    changed = [name for name, layer in layers if getattr(layer, BASE_CHANGED, False)]
+    if changed and not allow_changed_base:
+        raise ConfigError(
+            f"ScaLoRA or ReLoRA merged updates into the base weights of {len(changed)} layer(s) (e.g. {changed[0]!r}), "
+            f"which an adapter file does not hold: loaded onto the original base model it would not be the trained "
+            f"model. Save the whole model with scalora.merge(model).save_pretrained(folder), or a rank-k adapter of "
+            f"the whole update with scalora.export_lora(model, snapshot_base_weights(model) taken before training, k, "
+            f"folder); pass allow_changed_base=True to save the factors alone anyway."
+        )
     fan_in_fan_out = bool(layers) and all(layer.fan_in_fan_out for _, layer in layers)
     return write_adapter(folder, get_config(model), adapter_state_dict(model), model, fan_in_fan_out=fan_in_fan_out)
 

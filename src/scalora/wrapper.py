@@ -2,12 +2,17 @@
 
 The wrapped optimiser keeps its parameter groups, state and defaults (so LR schedulers, GradScaler and
 ``transformers.Trainer`` see one ordinary optimiser); subclasses add `before_step` / `after_step` and their own
-entries in the state dict. ScaLoRA and ReLoRA are both built on it.
+entries in the state dict. ScaLoRA and ReLoRA are both built on it, and both merge updates into the base weights
+W0 of the adapted layers (scalora's or PEFT's, through `scalora.factors`). Hence the wrapper
+
+* marks those layers, so that saving an adapter alone (which lacks W0) is refused (`scalora.save_guard`);
+* carries W0 in its state dict where the model's own checkpoints do not hold it (PEFT saves the adapter only), so
+  a run resumes exactly from ``optimizer.state_dict()`` (``transformers.Trainer``, ``accelerate``, own loops).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -15,8 +20,11 @@ import torch
 from torch import nn
 
 from scalora.errors import ConfigError
-from scalora.layers import LoraLayer
-from scalora.model import lora_layers
+from scalora.factors import LoraFactors, lora_factors
+from scalora.save_guard import guard_saves
+
+#: key of the state dict that carries base weights the model's checkpoints lack
+BASE_WEIGHTS = "base_weights"
 
 
 class OptimizerWrapper(torch.optim.Optimizer):
@@ -25,9 +33,21 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if isinstance(optimizer, OptimizerWrapper):
             raise ConfigError(f"the optimiser is already wrapped in {type(optimizer).__name__}.")
-        self.layers: list[tuple[str, LoraLayer]] = list(lora_layers(model))
+        self.layers: list[tuple[str, LoraFactors]] = lora_factors(model)
         if not self.layers:
-            raise ConfigError("the model has no LoRA layers: call scalora.apply_lora(model, config) first.")
+            raise ConfigError("the model has no LoRA layers: add them with scalora.apply_lora(model, "
+                              "scalora.LoraConfig(...)) or peft.get_peft_model(model, peft.LoraConfig(...)) first.")
+        inactive = [name for name, layer in self.layers if not layer.active]
+        if inactive:
+            raise ConfigError(f"the adapter of {inactive[0]!r} is merged into its base weight or disabled; unmerge "
+                              f"or enable the adapters before training.")
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        tied = [name for name, layer in self.layers if uses[id(layer.weight)] > 1]
+        if tied:
+            raise ConfigError(f"the base weight of {tied[0]!r} is shared with another module (tied input and output "
+                              f"embeddings): merging updates into it would change that module too. Leave it out of "
+                              f"target_modules, or untie the weights first (load the model with "
+                              f"tie_word_embeddings=False).")
         optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, layer in self.layers
                    if id(layer.lora_A) not in optimised or id(layer.lora_B) not in optimised]
@@ -36,6 +56,9 @@ class OptimizerWrapper(torch.optim.Optimizer):
                               f"model.parameters() (or every lora_A / lora_B).")
         self.optimizer = optimizer
         self.num_steps = 0
+        while isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        guard_saves(model)
         # torch.optim.Optimizer's bookkeeping (hooks, step profiling), without a second copy of the state.
         self.__setstate__({})
 
@@ -78,6 +101,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.num_steps += 1
+        self._mark_base_changed()
         self.before_step()
         self.optimizer.step()
         self.after_step()
@@ -96,9 +120,15 @@ class OptimizerWrapper(torch.optim.Optimizer):
         """Restore what `extra_state` saved."""
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimiser's state plus the wrapper's counters and settings."""
+        """The wrapped optimiser's state plus the wrapper's counters and settings, and the base weights (with
+        their fold compensation) of layers whose model checkpoints do not hold them."""
         ours = {"num_steps": self.num_steps, **self.settings(), **self.extra_state()}
-        return {"optimizer": self.optimizer.state_dict(), "wrapper": type(self).__name__, "scalora": ours}
+        state = {"optimizer": self.optimizer.state_dict(), "wrapper": type(self).__name__, "scalora": ours}
+        base = {name: {"weight": layer.base_weight_oi(), "compensation": layer.base_compensation}
+                for name, layer in self.layers if not layer.base_in_state_dict}
+        if base:
+            state[BASE_WEIGHTS] = base
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         name = type(self).__name__
@@ -109,6 +139,36 @@ class OptimizerWrapper(torch.optim.Optimizer):
         for key, value in self.settings().items():
             if key in ours and ours[key] != value:
                 raise ConfigError(f"the saved {name} state has {key}={ours[key]!r} but this optimiser has {value!r}.")
+        self._load_base_weights(state_dict.get(BASE_WEIGHTS))
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.num_steps = int(ours["num_steps"])
         self.load_extra_state(ours)
+        self._mark_base_changed()
+
+    def _mark_base_changed(self) -> None:
+        """Once stepped (or resumed), the base weights are no longer the pre-trained ones: mark the layers."""
+        for _, layer in self.layers:
+            layer.mark_base_changed()
+
+    @torch.no_grad()
+    def _load_base_weights(self, saved: dict[str, dict[str, torch.Tensor | None]] | None) -> None:
+        """Restore W0 (and its compensation) of the layers whose model checkpoints lack it, after checking all."""
+        layers = [(name, layer) for name, layer in self.layers if not layer.base_in_state_dict]
+        if not layers:
+            return
+        if saved is None:
+            raise ConfigError(f"this {type(self).__name__} state holds no base weights, but the model's checkpoints "
+                              f"(PEFT's adapter files) lack them; it was saved by another version or for another "
+                              f"model.")
+        for name, layer in layers:
+            weight = saved.get(name, {}).get("weight")
+            if weight is None or tuple(weight.shape) != tuple(layer.base_weight_oi().shape):
+                raise ConfigError(f"the saved {type(self).__name__} state has no base weight of shape "
+                                  f"{tuple(layer.base_weight_oi().shape)} for layer {name!r}; it was saved for "
+                                  f"another model.")
+        for name, layer in layers:
+            layer.base_weight_oi().copy_(saved[name]["weight"])
+            compensation = saved[name].get("compensation")
+            if compensation is not None:
+                layer.enable_compensation()
+                layer.base_compensation.copy_(compensation)

@@ -1,4 +1,9 @@
-"""Callbacks for ``transformers.Trainer`` users: ScaLoRA's statistics in the logs, and α-LoRA's schedule.
+"""``transformers.Trainer`` (and TRL's ``SFTTrainer``) with scalora: checkpoints of adapted models, ScaLoRA's
+statistics in the logs, and α-LoRA's schedule.
+
+`prepare_trainer` lets the Trainer write checkpoints of an adapted model, which ``save_pretrained`` otherwise
+refuses (`scalora.save_guard`: their files would not load as the trained model), and builds the optimiser over a
+model the trainer made itself (``SFTTrainer(peft_config=...)``).
 
 ScaLoRA needs no callback to train: pass it as the Trainer's optimiser, ``optimizers=(ScaLoRA(model, AdamW(...)),
 scheduler)``, and the Trainer steps it once per optimiser step (after gradient accumulation and clipping), so it
@@ -24,11 +29,13 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from scalora.alpha_lora import AlphaScheduler
 from scalora.errors import ConfigError
-from scalora.model import lora_layers
+from scalora.factors import lora_factors
 from scalora.optim import ScaLoRA
-from scalora.rank import effective_rank, effective_weight
+from scalora.rank import effective_rank
+from scalora.save_guard import checkpoint_saves
+from scalora.wrapper import OptimizerWrapper
 
-__all__ = ["AlphaLoRACallback", "ScaloraCallback", "find_scalora"]
+__all__ = ["AlphaLoRACallback", "ScaloraCallback", "find_scalora", "prepare_trainer"]
 
 ALPHA_STATE = "alpha_scheduler.pt"
 
@@ -36,13 +43,59 @@ ALPHA_STATE = "alpha_scheduler.pt"
 def find_scalora(optimizer: Any) -> ScaLoRA | None:
     """The `ScaLoRA` inside `optimizer`: wrappers such as accelerate's ``AcceleratedOptimizer`` (which Trainer puts
     around the optimiser it is given) keep the wrapped one as ``.optimizer``. None if there is none."""
+    found = _find_wrapper(optimizer)
+    return found if isinstance(found, ScaLoRA) else None
+
+
+def _find_wrapper(optimizer: Any) -> OptimizerWrapper | None:
+    """The scalora `OptimizerWrapper` (ScaLoRA, ReLoRA) inside `optimizer`, following ``.optimizer``; or None."""
     seen: set[int] = set()
     while optimizer is not None and id(optimizer) not in seen:
-        if isinstance(optimizer, ScaLoRA):
+        if isinstance(optimizer, OptimizerWrapper):
             return optimizer
         seen.add(id(optimizer))
         optimizer = getattr(optimizer, "optimizer", None)
     return None
+
+
+def prepare_trainer(trainer: Any, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None) -> Any:
+    """Ready a ``transformers.Trainer`` (or a subclass: TRL's ``SFTTrainer``) to train an adapted model; returns it.
+
+    * ``make_optimizer(model)``, if given, builds the trainer's optimiser over ``trainer.model`` as it is now. With
+      ``SFTTrainer(peft_config=...)`` that PEFT model exists only once the trainer is built::
+
+          trainer = SFTTrainer(model=model, args=args, train_dataset=data, peft_config=peft.LoraConfig(...))
+          prepare_trainer(trainer, lambda m: ScaLoRA(m, torch.optim.AdamW(m.parameters(), lr=2e-4)))
+
+      The learning-rate schedule of ``args`` then drives it.
+    * The Trainer's checkpoints are written although ``save_pretrained`` refuses adapted models: the Trainer reads
+      them back into the same adapted model (``trainer.train(resume_from_checkpoint=True)``). ScaLoRA's and ReLoRA's
+      changes to a PEFT model's base weights, which PEFT's adapter files lack, travel in ``optimizer.pt``.
+    * ``trainer.save_model()`` called by you stays refused where the files would not be the trained model; the
+      error says what to call (``merge_and_unload().save_pretrained``, ``scalora.merge``, ``export_lora``).
+    * ``load_best_model_at_end`` is refused for a PEFT model under ScaLoRA or ReLoRA: the Trainer would load the
+      best checkpoint's adapter onto the last step's base weights.
+    """
+    if make_optimizer is not None:
+        if trainer.optimizer is not None:
+            raise ConfigError("the Trainer already has an optimiser (optimizers=...); give it either that or "
+                              "make_optimizer, not both.")
+        trainer.optimizer = make_optimizer(trainer.model)
+    wrapper = _find_wrapper(trainer.optimizer)
+    if (trainer.args.load_best_model_at_end and wrapper is not None
+            and any(not layer.base_in_state_dict for _, layer in wrapper.layers)):
+        raise ConfigError(f"load_best_model_at_end cannot restore the base weights {type(wrapper).__name__} changed "
+                          f"(a PEFT checkpoint holds the adapter only); turn it off and keep the last model.")
+    model, save_model = trainer.model, trainer.save_model
+
+    def save_model_or_checkpoint(output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not _internal_call:  # the user's save: the save guard decides
+            return save_model(output_dir)
+        with checkpoint_saves(model):  # the Trainer's own checkpoint
+            return save_model(output_dir, _internal_call=True)
+
+    trainer.save_model = save_model_or_checkpoint
+    return trainer
 
 
 def _is_training_log(logs: dict[str, Any] | None) -> bool:
@@ -112,12 +165,12 @@ class ScaloraCallback(_Attachable):
 
     def measure_rank(self, model: nn.Module) -> dict[str, float]:
         """Effective rank of the accumulated update of the layers in `base_weights`."""
-        layers = dict(lora_layers(model))
+        layers = dict(lora_factors(model))
         infos = []
         for name, base in (self.base_weights or {}).items():
             if name not in layers:
                 raise ConfigError(f"base_weights has layer {name!r}, which the model's LoRA layers lack.")
-            weight = effective_weight(layers[name])
+            weight = layers[name].effective_weight()
             infos.append(effective_rank(weight - base.to(weight.device, torch.float64), self.rtol))
         if not infos:
             return {}
@@ -163,9 +216,10 @@ class AlphaLoRACallback(_Attachable):
         batch_size: held-out examples per α step (at most ``len(held_out)``).
         seed: order of the held-out batches (seeded per-epoch permutations, so a resumed run draws the same ones).
 
-    The α optimiser's state is written as ``alpha_scheduler.pt`` into each Trainer checkpoint and read back when
-    the Trainer resumes from a checkpoint of ``args.output_dir`` (from elsewhere: call `load_checkpoint` before
-    training). Logs ``alpha/heldout_loss`` (after an α step), ``alpha/mean`` and ``alpha/std``.
+    The α optimiser's state is written as ``alpha_scheduler.pt`` into each Trainer checkpoint (checkpoints of an
+    adapted model need `prepare_trainer`) and read back when the Trainer resumes from a checkpoint of
+    ``args.output_dir`` (from elsewhere: call `load_checkpoint` before training). Logs ``alpha/heldout_loss`` (after
+    an α step), ``alpha/mean`` and ``alpha/std``.
     """
 
     def __init__(self, scheduler: AlphaScheduler, held_out: Sequence[Any],
