@@ -3,7 +3,9 @@ classes."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import warnings
 from pathlib import Path
 
@@ -65,6 +67,9 @@ def test_save_pretrained_of_an_adapted_model_is_refused_and_merge_loads_exactly(
     with pytest.raises(ConfigError, match=r"random weights.*scalora\.merge\(model\)\.save_pretrained.*save_adapter"):
         model.save_pretrained(tmp_path / "wrapped")
     assert not (tmp_path / "wrapped").exists()
+    for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):  # still pickles; the guard comes along
+        with pytest.raises(ConfigError, match="random weights"):
+            copied.save_pretrained(tmp_path / "copied")
     _train(model, ScaLoRA(model, _adamw(model)))
     with pytest.raises(ConfigError, match="export_lora"):  # after ScaLoRA the adapter alone is no way out
         model.save_pretrained(tmp_path / "wrapped")

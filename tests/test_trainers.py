@@ -121,6 +121,8 @@ def test_trainer_checkpoints_resume_exactly_and_save_model_refuses(tmp_path: Pat
 
     with pytest.raises(ConfigError, match="save_pretrained refused"):
         trainer.save_model(str(tmp_path / "final"))
+    with pytest.raises(ConfigError, match="save_pretrained refused"):
+        trainer.save_model(_internal_call=True)  # what push_to_hub saves
     trained = logits(trainer.model, tokenizer)
     plain = trainer.model.merge_and_unload() if kind == "peft" else merge(trainer.model)
     plain.save_pretrained(tmp_path / "merged")

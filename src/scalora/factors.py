@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -193,14 +194,14 @@ class ScaloraFactors(LoraFactors):
 class PeftFactors(LoraFactors):
     """The factors of one adapter of a PEFT LoRA layer (``peft.tuners.lora.Linear`` or ``Embedding``).
 
-    Folds are scalora's own (`LoraLayer.fold_` and its finite check, which read only `base_weight_oi`,
-    `base_compensation` and `weight`); the compensation buffer lives on the PEFT layer, outside its state dict.
+    Folds are scalora's own: `LoraLayer`'s Kahan-compensated fold and finite check read only `base_weight_oi`,
+    `base_compensation` and `weight`. The compensation buffer lives on the PEFT layer, outside its state dict.
     """
 
-    _fold = LoraLayer.fold_
-    _check_fold = LoraLayer.check_fold
+    fold_ = LoraLayer.fold_
+    check_fold = LoraLayer.check_fold
     folded_weight = LoraLayer.folded_weight
-    _enable_compensation = LoraLayer.enable_compensation
+    enable_compensation = LoraLayer.enable_compensation
 
     def __init__(self, module: nn.Module, adapter: str) -> None:
         super().__init__(module)
@@ -249,15 +250,6 @@ class PeftFactors(LoraFactors):
     @base_compensation.setter
     def base_compensation(self, value: torch.Tensor) -> None:
         self.module.register_buffer("base_compensation", value, persistent=False)
-
-    def fold_(self, B: torch.Tensor, A: torch.Tensor) -> None:
-        self._fold(B, A)
-
-    def check_fold(self, B: torch.Tensor, A: torch.Tensor, where: str) -> None:
-        self._check_fold(B, A, where)
-
-    def enable_compensation(self) -> None:
-        self._enable_compensation()
 
     def reset_lora_parameters(self) -> None:
         self.module.reset_lora_parameters(self.adapter, True)
@@ -309,7 +301,7 @@ def _peft_factors(model: nn.Module) -> Iterator[tuple[str, LoraFactors]]:
         yield name, PeftFactors(module, adapter)
 
 
-def _check_peft_layer(name: str, module: nn.Module, adapter: str, lora: object) -> None:
+def _check_peft_layer(name: str, module: nn.Module, adapter: str, lora: ModuleType) -> None:
     """Refuse what is not W0 + s·B A over a plain floating-point weight."""
     what = None
     if not isinstance(module, (lora.Linear, lora.Embedding)):

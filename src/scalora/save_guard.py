@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import MethodType
 from typing import Any
 
 from torch import nn
@@ -50,7 +49,7 @@ def guard_saves(model: nn.Module) -> None:
     `checkpoint_saves`); a model without ``save_pretrained`` is left alone."""
     if not callable(getattr(model, "save_pretrained", None)) or "save_pretrained" in vars(model):
         return
-    model.save_pretrained = MethodType(_guarded_save_pretrained, model)
+    model.save_pretrained = _GuardedSavePretrained(model)
 
 
 @contextmanager
@@ -65,9 +64,16 @@ def checkpoint_saves(model: nn.Module) -> Iterator[None]:
         setattr(model, _ALLOWED, previous)
 
 
-def _guarded_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    reason = None if vars(self).get(_ALLOWED, False) else save_refusal(self)
-    if reason is not None:
-        raise ConfigError(f"save_pretrained refused: {reason} Under transformers.Trainer, "
-                          f"scalora.train.callbacks.prepare_trainer(trainer) keeps its checkpoints working.")
-    return type(self).save_pretrained(self, *args, **kwargs)
+class _GuardedSavePretrained:
+    """The model's own ``save_pretrained`` behind `save_refusal` (an object, not a bound method, so that the model
+    still pickles and deep-copies)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        reason = None if vars(self.model).get(_ALLOWED, False) else save_refusal(self.model)
+        if reason is not None:
+            raise ConfigError(f"save_pretrained refused: {reason} Under transformers.Trainer, "
+                              f"scalora.train.callbacks.prepare_trainer(trainer) keeps its checkpoints working.")
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)

@@ -71,8 +71,9 @@ def prepare_trainer(trainer: Any, make_optimizer: Callable[[nn.Module], torch.op
     * The Trainer's checkpoints are written although ``save_pretrained`` refuses adapted models: the Trainer reads
       them back into the same adapted model (``trainer.train(resume_from_checkpoint=True)``). ScaLoRA's and ReLoRA's
       changes to a PEFT model's base weights, which PEFT's adapter files lack, travel in ``optimizer.pt``.
-    * ``trainer.save_model()`` called by you stays refused where the files would not be the trained model; the
-      error says what to call (``merge_and_unload().save_pretrained``, ``scalora.merge``, ``export_lora``).
+    * ``trainer.save_model()`` called by you (or by ``push_to_hub``) stays refused where the files would not be the
+      trained model; the error says what to call (``merge_and_unload().save_pretrained``, ``scalora.merge``,
+      ``export_lora``).
     * ``load_best_model_at_end`` is refused for a PEFT model under ScaLoRA or ReLoRA: the Trainer would load the
       best checkpoint's adapter onto the last step's base weights.
     """
@@ -89,9 +90,9 @@ def prepare_trainer(trainer: Any, make_optimizer: Callable[[nn.Module], torch.op
     model, save_model = trainer.model, trainer.save_model
 
     def save_model_or_checkpoint(output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if not _internal_call:  # the user's save: the save guard decides
-            return save_model(output_dir)
-        with checkpoint_saves(model):  # the Trainer's own checkpoint
+        if not _internal_call or output_dir is None:  # yours, or push_to_hub's of the final model: guarded
+            return save_model(output_dir, _internal_call=_internal_call)
+        with checkpoint_saves(model):  # the Trainer's checkpoint (it always names the folder)
             return save_model(output_dir, _internal_call=True)
 
     trainer.save_model = save_model_or_checkpoint
@@ -136,8 +137,8 @@ class ScaloraCallback(_Attachable):
         model = apply_lora(model, LoraConfig(r=8))
         base = snapshot_base_weights(model)
         optimizer = ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=5e-4))
-        trainer = Trainer(model, args, train_dataset=data, optimizers=(optimizer, None),
-                          callbacks=[ScaloraCallback(base_weights=base, rank_every=50)])
+        trainer = prepare_trainer(Trainer(model, args, train_dataset=data, optimizers=(optimizer, None),
+                                          callbacks=[ScaloraCallback(base_weights=base, rank_every=50)]))
     """
 
     def __init__(self, optimizer: Any = None, *, base_weights: dict[str, torch.Tensor] | None = None,
@@ -206,6 +207,7 @@ class AlphaLoRACallback(_Attachable):
         optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-4, betas=(0.9, 0.99))
         trainer = Trainer(model, args, train_dataset=train, data_collator=collate, optimizers=(optimizer, None),
                           callbacks=[AlphaLoRACallback(alpha, held_out, collate, batch_size=64)])
+        prepare_trainer(trainer)
 
     Args:
         scheduler: the `AlphaScheduler` of the model (its `every` is the schedule).
