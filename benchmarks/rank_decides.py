@@ -1,11 +1,9 @@
 """Where rank decides: a planted teacher that LoRA r = 4 cannot reach and full fine-tuning can.
 
-Problem (the "teacher" arm). A "pre-trained" MLP 64 → 256 → 256 → 64 (GELU, seeded random weights) and a teacher,
-the same network with every weight moved by a full-rank perturbation W + D, D ~ N(0, 1/in) (as large as W itself).
-The student starts at the pre-trained network and is trained towards the teacher on fresh inputs x ~ N(0, I) each
-step (batch 128, mean squared error); the loss reported is the held-out one on 4 096 fixed inputs, divided by its
-value at the start, so every run starts at 1. An adapter of rank r can move each weight by rank r only: LoRA r = 4
-stops at its rank floor while full fine-tuning goes on. **Gate:** full fine-tuning must end ≤ 0.1× LoRA r = 4's
+Problem (the "teacher" arm, `scalora.train.planted`): a "pre-trained" MLP 64 → 256 → 256 → 64 is trained towards
+a teacher, the same network with every weight moved by a full-rank Gaussian perturbation, on fresh inputs each step;
+the loss is the held-out one relative to the start. An adapter of rank r can move each weight by rank r only: LoRA
+r = 4 stops at its rank floor while full fine-tuning goes on. **Gate:** full fine-tuning must end ≤ 0.1× LoRA r = 4's
 loss, or the arm cannot decide anything (checked and reported).
 
 Methods: full fine-tuning; LoRA r = 4, 16, 64; ReLoRA r = 4 (merge and restart every `reset_every` steps); and at
@@ -23,29 +21,18 @@ Run ``python benchmarks/rank_decides.py --help``; ``--size small`` takes minutes
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from scalora import LoraConfig, apply_lora  # noqa: E402
-from scalora.optim import ScaLoRA  # noqa: E402
-from scalora.rank import accumulated_updates, effective_rank, snapshot_base_weights  # noqa: E402
-from scalora.relora import ReLoRA  # noqa: E402
+from scalora.train.planted import PlantedMethod, train_planted  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WIDTHS = (64, 256, 256, 64)
-PERTURBATION = 0.3  # D ~ N(0, PERTURBATION² / in)
-TRACKED = "2"  # the middle layer (256 × 256), whose accumulated update's rank is tracked
 
 
 @dataclass(frozen=True)
@@ -56,7 +43,7 @@ class Method:
     label: str
     r: int
     wrapper: str = "none"  # "none", "scalora", "relora"
-    options: tuple[tuple[str, object], ...] = ()
+    options: tuple[tuple[str, object], ...] = ()  # ScaLoRA's keyword arguments
 
 
 METHODS = (
@@ -95,91 +82,20 @@ SIZES = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the problem
-
-
-def mlp(seed: int) -> nn.Sequential:
-    """The "pre-trained" network: seeded random weights (Kaiming-uniform, as nn.Linear initialises them)."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:], strict=True)):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(WIDTHS) - 2:
-            layers.append(nn.GELU())
-    return nn.Sequential(*layers)
-
-
-def teacher_of(student: nn.Sequential, seed: int) -> nn.Sequential:
-    """The student with every weight moved by a full-rank Gaussian D ~ N(0, 1/in)."""
-    teacher = copy.deepcopy(student)
-    g = torch.Generator().manual_seed(10_000 + seed)
-    with torch.no_grad():
-        for layer in teacher:
-            if isinstance(layer, nn.Linear):
-                scale = PERTURBATION / math.sqrt(layer.in_features)
-                layer.weight.add_(torch.randn(layer.weight.shape, generator=g) * scale)
-    return teacher.requires_grad_(False)
-
-
-def make_optimizer(method: Method, model: nn.Module, lr: float, size: Size, tau: float | None) -> torch.optim.Optimizer:
-    if method.r == 0:
-        model.requires_grad_(True)
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    targets = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
-    apply_lora(model, LoraConfig(r=method.r, lora_alpha=2 * method.r, target_modules=targets, use_rslora=False))
-    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    options = dict(method.options)
-    if tau is not None:
-        options["tau"] = tau
-    if method.wrapper == "scalora":
-        return ScaLoRA(model, inner, **options)
-    if method.wrapper == "relora":
-        return ReLoRA(model, inner, reset_every=size.reset_every)
-    return inner
+# one run
 
 
 def train(method_name: str, lr: float, seed: int, size_name: str, tau: float | None = None) -> dict[str, object]:
-    """One run: held-out loss (relative to the start) and the tracked layer's update rank every `eval_every` steps."""
+    """One run of `scalora.train.planted`: its curve and final held-out loss (inf if it diverged)."""
     common.set_threads(1)
     size, method = SIZES[size_name], BY_NAME[method_name]
-    student = mlp(seed)
-    teacher = teacher_of(student, seed)
-    g_eval = torch.Generator().manual_seed(20_000 + seed)
-    x_eval = torch.randn(4096, WIDTHS[0], generator=g_eval)
-    y_eval = teacher(x_eval)
-    with torch.no_grad():
-        start_loss = float((student(x_eval) - y_eval).square().mean())
-    opt = make_optimizer(method, student, lr, size, tau)
-    pretrained = snapshot_base_weights(student) if method.r else {
-        TRACKED: student[int(TRACKED)].weight.detach().clone()}
-    g = torch.Generator().manual_seed(30_000 + seed)
-    curve: list[dict[str, float]] = []
-    train_time = 0.0
-
-    def evaluate(step: int) -> float:
-        with torch.no_grad():
-            loss = float((student(x_eval) - y_eval).square().mean()) / start_loss
-            if method.r:
-                update = accumulated_updates(student, pretrained)[TRACKED]
-            else:
-                update = student[int(TRACKED)].weight.detach().double() - pretrained[TRACKED].double()
-        curve.append({"step": step, "loss": loss, "rank": effective_rank(update).rank, "time_s": train_time})
-        return loss
-
-    evaluate(0)
-    for step in range(1, size.steps + 1):
-        x = torch.randn(128, WIDTHS[0], generator=g)
-        t0 = time.perf_counter()
-        loss = (student(x) - teacher(x)).square().mean() / start_loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        train_time += time.perf_counter() - t0
-        if (step % size.eval_every == 0 or step == size.steps) and not math.isfinite(evaluate(step)):
-            break
-    final = curve[-1]["loss"]
-    return {"method": method_name, "lr": lr, "seed": seed, "tau": tau, "final": final if math.isfinite(final) else
-            math.inf, "curve": curve}
+    options = dict(method.options)
+    if method.wrapper == "relora":
+        options["reset_every"] = size.reset_every
+    if tau is not None:
+        options["tau"] = tau
+    curve = train_planted(PlantedMethod(method.r, method.wrapper, options), lr, seed, size.steps, size.eval_every)
+    return {"method": method_name, "lr": lr, "seed": seed, "tau": tau, "final": curve[-1]["loss"], "curve": curve}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

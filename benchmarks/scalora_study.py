@@ -119,7 +119,8 @@ SIZES: dict[str, dict[str, TaskSize]] = {
 WINDOW = 10
 
 # Ablation variants: name → (TrainConfig overrides, which group(s) and value they stand for).
-# The main `scalora` run is column scaling, moments transferred, I = 1, c = 1; `scalora-i` is I = 10.
+# The main `scalora` run is the default (optimiser-aware rule, c = "auto", column scaling, moments transferred, I = 1);
+# `scalora-i` is I = 10. The c sweep is the paper's rule, whose only knob c is.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "scalora-scalar": {"method": "scalora", "scalora_mode": "scalar"},
     "scalora-no-moments": {"method": "scalora", "scalora_transfer_moments": False},
@@ -129,7 +130,8 @@ DEFAULT_C_GRID = (0.1, 1.0, 10.0)
 
 
 def c_variant(c: float) -> str:
-    return "scalora" if c == 1.0 else f"scalora-c{c:g}"
+    """The variant of the paper's rule at this c."""
+    return f"scalora-paper-c{c:g}"
 
 
 def lr_variant(method: str, mult: float) -> str:
@@ -145,7 +147,8 @@ def lr_variants(methods: Sequence[str], mults: Sequence[float]) -> dict[str, dic
 # learning rate, and the moment-transfer ablation where the scales are far from 1 (c = 0.1).
 CONTROLS: dict[str, dict[str, Any]] = {
     **lr_variants(["lora"], [2.0, 4.0]),
-    "scalora-c0.1-no-moments": {"method": "scalora", "scalora_c": 0.1, "scalora_transfer_moments": False},
+    "scalora-paper-c0.1-no-moments": {"method": "scalora", "scalora_rule": "paper", "scalora_c": 0.1,
+                                      "scalora_transfer_moments": False},
 }
 
 
@@ -155,10 +158,11 @@ def ablation_groups(c_grid: Sequence[float], controls: bool = False) -> dict[str
         "scaling": [("column", "scalora"), ("scalar", "scalora-scalar")],
         "moment transfer": [("on", "scalora"), ("off", "scalora-no-moments")],
         "interval I": [("1", "scalora"), ("10", "scalora-i"), ("100", "scalora-I100")],
-        "c": [(f"{c:g}", c_variant(c)) for c in sorted(c_grid)],
+        "c (paper rule)": [(f"{c:g}", c_variant(c)) for c in sorted(c_grid)],
     }
     if controls:
-        groups["moment transfer, c = 0.1"] = [("on", "scalora-c0.1"), ("off", "scalora-c0.1-no-moments")]
+        groups["moment transfer, paper rule, c = 0.1"] = [("on", c_variant(0.1)),
+                                                          ("off", "scalora-paper-c0.1-no-moments")]
         groups["LoRA lr (control)"] = [("1×", "lora"), ("2×", "lora-lr2x"), ("4×", "lora-lr4x")]
     return groups
 
@@ -169,8 +173,7 @@ def ablation_variants(c_grid: Sequence[float], controls: bool = False, methods: 
     each learning-rate multiplier of `lr_grid`."""
     variants = dict(ABLATIONS)
     for c in (*c_grid, *((0.1,) if controls else ())):
-        if c != 1.0:
-            variants[c_variant(c)] = {"method": "scalora", "scalora_c": float(c)}
+        variants[c_variant(c)] = {"method": "scalora", "scalora_rule": "paper", "scalora_c": float(c)}
     if controls:
         variants.update(CONTROLS)
     variants.update(lr_variants(methods, lr_grid))

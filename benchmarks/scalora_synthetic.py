@@ -170,7 +170,8 @@ def train(spec: RunSpec) -> dict[str, object]:
         if spec.method == "lora":
             opt = inner
         elif spec.method in SCALORA_VARIANTS:
-            scalora_opt = ScaLoRA(model, inner, c=spec.c, **SCALORA_VARIANTS[spec.method])  # type: ignore[arg-type]
+            scalora_opt = ScaLoRA(model, inner, rule="paper", c=spec.c,  # this study sweeps the paper's c
+                                  **SCALORA_VARIANTS[spec.method])  # type: ignore[arg-type]
             opt = scalora_opt
         else:
             raise ValueError(f"unknown method {spec.method!r}")

@@ -48,9 +48,9 @@ def test_main_micro_writes_json_and_figures(tmp_path: Path, tiny_setup: tuple[Pa
         assert key in saved, key
     assert not saved["failed"]
     assert {"lora", "scalora", "scalora-i", "scalora-scalar", "scalora-no-moments", "scalora-I100",
-            "scalora-c10"} <= set(saved["results"]["sarcasm"])
-    assert set(saved["ablations"]) == {"scaling", "moment transfer", "interval I", "c"}
-    assert [r["setting"] for r in saved["ablations"]["c"]] == ["1", "10"]
+            "scalora-paper-c1", "scalora-paper-c10"} <= set(saved["results"]["sarcasm"])
+    assert set(saved["ablations"]) == {"scaling", "moment transfer", "interval I", "c (paper rule)"}
+    assert [r["setting"] for r in saved["ablations"]["c (paper rule)"]] == ["1", "10"]
     lora = saved["time_to_target"]["sarcasm"]["lora"]
     assert lora["reached"] == 1 and lora["seeds"][0]["step_ratio"] == pytest.approx(1.0)
     assert {"results", "loss", "rank", "time_to_target", "ablations", "lr_grid"} <= set(saved["tables"])

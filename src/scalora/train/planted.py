@@ -1,0 +1,121 @@
+"""A planted teacher: the task where the rank of the update decides, shared by the demo and the benchmark.
+
+A "pre-trained" MLP 64 → 256 → 256 → 64 (GELU, seeded random weights) is trained towards a teacher, the same network
+with every weight moved by a full-rank perturbation D ~ N(0, 0.3² / in). Inputs x ~ N(0, I) are fresh every step
+(batch 128, mean squared error); the loss reported is the held-out one on 4 096 fixed inputs divided by its value
+at the start, so every run starts at 1. An adapter of rank r moves each weight by rank r only, so LoRA stops at its
+rank floor while full fine-tuning goes on; ScaLoRA's accumulated update is not bound by r.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from scalora.config import LoraConfig
+from scalora.model import apply_lora
+from scalora.optim import ScaLoRA
+from scalora.rank import accumulated_updates, effective_rank, snapshot_base_weights
+from scalora.relora import ReLoRA
+
+WIDTHS = (64, 256, 256, 64)
+PERTURBATION = 0.3
+TRACKED = "2"  # the middle layer (256 × 256), whose accumulated update's rank is tracked
+BATCH = 128
+
+
+@dataclass(frozen=True)
+class PlantedMethod:
+    """How one run adapts and optimises the student: rank (0 = full fine-tuning), optimiser wrapper and its options."""
+
+    r: int
+    wrapper: str = "none"  # "none", "scalora" or "relora"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def pretrained_mlp(seed: int) -> nn.Sequential:
+    """The "pre-trained" network: seeded random weights (Kaiming-uniform, as nn.Linear initialises them)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(WIDTHS) - 2:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+def teacher_of(student: nn.Sequential, seed: int) -> nn.Sequential:
+    """The student with every weight moved by a full-rank Gaussian D ~ N(0, PERTURBATION² / in)."""
+    teacher = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for layer in teacher:
+            if isinstance(layer, nn.Linear):
+                scale = PERTURBATION / math.sqrt(layer.in_features)
+                layer.weight.add_(torch.randn(layer.weight.shape, generator=g) * scale)
+    return teacher.requires_grad_(False)
+
+
+def _optimizer(method: PlantedMethod, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    if method.r == 0:
+        model.requires_grad_(True)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    targets = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
+    apply_lora(model, LoraConfig(r=method.r, lora_alpha=2 * method.r, target_modules=targets))
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    if method.wrapper == "scalora":
+        return ScaLoRA(model, inner, **method.options)
+    if method.wrapper == "relora":
+        return ReLoRA(model, inner, **method.options)
+    return inner
+
+
+def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int) -> list[dict[str, float]]:
+    """One run: every `eval_every` steps (and at 0 and the end) the held-out loss relative to the start, the effective
+    rank of the middle layer's accumulated update W − W_pretrained and the training seconds so far. Stops early
+    (last loss inf) if the loss stops being finite."""
+    student = pretrained_mlp(seed)
+    teacher = teacher_of(student, seed)
+    x_eval = torch.randn(4096, WIDTHS[0], generator=torch.Generator().manual_seed(20_000 + seed))
+    y_eval = teacher(x_eval)
+    with torch.no_grad():
+        start_loss = float((student(x_eval) - y_eval).square().mean())
+    opt = _optimizer(method, student, lr)
+    if method.r:
+        pretrained = snapshot_base_weights(student)
+    else:
+        pretrained = {TRACKED: student[int(TRACKED)].weight.detach().clone()}
+    g = torch.Generator().manual_seed(30_000 + seed)
+    curve: list[dict[str, float]] = []
+    seconds = 0.0
+
+    def evaluate(step: int) -> bool:
+        with torch.no_grad():
+            loss = float((student(x_eval) - y_eval).square().mean()) / start_loss
+            if method.r:
+                update = accumulated_updates(student, pretrained)[TRACKED]
+            else:
+                update = student[int(TRACKED)].weight.detach().double() - pretrained[TRACKED].double()
+        finite = math.isfinite(loss)
+        curve.append({"step": step, "loss": loss if finite else math.inf,
+                      "rank": effective_rank(update).rank if finite else 0, "time_s": seconds})
+        return finite
+
+    evaluate(0)
+    for step in range(1, steps + 1):
+        x = torch.randn(BATCH, WIDTHS[0], generator=g)
+        t0 = time.perf_counter()
+        loss = (student(x) - teacher(x)).square().mean() / start_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        seconds += time.perf_counter() - t0
+        if (step % eval_every == 0 or step == steps) and not evaluate(step):
+            break
+    return curve

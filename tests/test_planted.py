@@ -1,0 +1,43 @@
+"""The planted-teacher task (scalora.train.planted) and the demo's part built on it."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from scalora.train.demo import rank_demo
+from scalora.train.planted import PlantedMethod, pretrained_mlp, teacher_of, train_planted
+
+
+def test_teacher_is_a_full_rank_change_of_the_student():
+    student = pretrained_mlp(0)
+    teacher = teacher_of(student, 0)
+    diff = teacher[2].weight - student[2].weight
+    assert torch.linalg.matrix_rank(diff) == 256
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_lora_stays_at_rank_r_while_scalora_and_full_fine_tuning_do_not():
+    ranks = {}
+    for name, method in {"full": PlantedMethod(0), "lora": PlantedMethod(4),
+                         "scalora": PlantedMethod(4, "scalora")}.items():
+        curve = train_planted(method, 3e-3, seed=0, steps=40, eval_every=20)
+        assert curve[0]["loss"] == 1.0 and [row["step"] for row in curve] == [0, 20, 40]
+        assert curve[-1]["loss"] < 1.0, name
+        ranks[name] = curve[-1]["rank"]
+    assert ranks["lora"] == 4
+    assert ranks["scalora"] > 4 * 4 and ranks["full"] > 4 * 4
+
+
+def test_relora_method_takes_its_options():
+    curve = train_planted(PlantedMethod(4, "relora", {"reset_every": 10}), 3e-3, seed=1, steps=30, eval_every=30)
+    assert curve[-1]["rank"] > 4  # three merges of rank 4
+
+
+def test_rank_demo_writes_its_files(tmp_path):
+    table = rank_demo(tmp_path, steps=24)
+    assert "LoRA r=4" in table and "ScaLoRA r=4" in table and "full fine-tuning" in table
+    curves = json.loads((tmp_path / "rank_decides.json").read_text())
+    assert set(curves) == {"full fine-tuning", "LoRA r=4", "ScaLoRA r=4"}
+    assert (tmp_path / "rank_decides.png").stat().st_size > 0
