@@ -47,6 +47,11 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 owner = _read_pid(fd)
+                for _ in range(20):  # the owner writes its pid right after it locks: give it a moment
+                    if owner is not None:
+                        break
+                    time.sleep(0.01)
+                    owner = _read_pid(fd)
                 os.close(fd)
                 self._remove_if_created()
                 raise RunLockedError(
