@@ -41,7 +41,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue  # a run killed mid-write leaves half a line
         if isinstance(row, dict) and "step" in row:
             rows.append(row)
@@ -55,7 +55,7 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
