@@ -641,3 +641,13 @@ def test_kill_during_promotion_is_finished_by_the_next_run(files: dict[str, Path
     assert result.summary["method"] == "rslora" and not (run / ".replaced-partial").exists()
     assert not (run / ".replaced").exists() and not (run / ".new-run").exists()
     assert [json.loads(line)["step"] for line in (run / loop.METRICS).read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_too_deep_json_in_a_run_folder(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run, _ = old_run(files, tmp_path)
+    (run / loop.SUMMARY).write_text("[" * 100_000 + "]" * 100_000)
+    (run / "checkpoint" / "trainer_state.json").write_text("[" * 100_000 + "]" * 100_000)
+    err = user_error(capsys, ["eval", "--run", str(run)])
+    assert "has not finished" in err
+    err = user_error(capsys, train_args(files, run, "--resume"))
+    assert "cannot be read" in err
