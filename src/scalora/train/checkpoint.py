@@ -146,10 +146,10 @@ def load(output_dir: Path, cfg: TrainConfig, *, allow_nonfinite: bool = False) -
         step = int(meta["step"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError,
             ValueError) as exc:
-        raise CheckpointError(f"the checkpoint in {folder} cannot be read ({exc}); start over with --overwrite "
-                              f"(or resume from a copy of an intact run).") from None
+        raise CheckpointError(f"the checkpoint in {folder} cannot be read ({reason(exc)}); start over with "
+                              f"--overwrite (or resume from a copy of an intact run).") from None
     if meta.get("fingerprint") != cfg.fingerprint():
-        saved = meta.get("config", {})
+        saved = meta["config"] if isinstance(meta.get("config"), dict) else {}
         ours = cfg.identity()
         diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {ours.get(k)!r}"
                 for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
@@ -163,15 +163,23 @@ def load(output_dir: Path, cfg: TrainConfig, *, allow_nonfinite: bool = False) -
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"the training state in {folder} cannot be read safely: it is corrupt or holds objects "
                               f"other than tensors and plain values (tampered with?), so nothing of it was run "
-                              f"({str(exc).splitlines()[0]}); start over with --overwrite.") from None
+                              f"({reason(exc)}); start over with --overwrite.") from None
     except (OSError, SafetensorError, RuntimeError, EOFError, RecursionError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"the checkpoint in {folder} cannot be read ({exc}); start over with --overwrite "
-                              f"(or resume from a copy of an intact run).") from None
+        raise CheckpointError(f"the checkpoint in {folder} cannot be read ({reason(exc)}); start over with "
+                              f"--overwrite (or resume from a copy of an intact run).") from None
     bad = None if allow_nonfinite else first_nonfinite([*model.items(), *statefile.tensors_in(state)])
     if bad is not None:
         raise CheckpointError(f"the checkpoint in {folder} holds NaN or inf in {bad!r}, so resuming it would train "
                               f"on broken values; start over with --overwrite (and a lower --lr).")
     return Checkpoint(step, model, state)
+
+
+def reason(exc: BaseException) -> str:
+    """The cause of an error in one line, e.g. "No space left on device: runs/x/metrics.jsonl"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def rng_state() -> dict[str, Any]:

@@ -232,8 +232,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
     """Run `cfg` to its last step (resuming its checkpoint with ``cfg.resume``) and write its results.
 
     The output folder is locked for the whole run (`RunLock`); an earlier run in it is replaced only once this
-    one has a durable checkpoint (`rundir`). Problems of the folder (full disk, no permission) are a
-    `RunFolderError` that says what was kept.
+    one has finished, or with ``save_every`` once its first checkpoint is durable (`rundir`). Problems of the folder
+    (full disk, no permission) are a `RunFolderError` that says what was kept.
     """
     out = Path(cfg.output_dir)
     rundir.check_location(out, {"--model": cfg.model, "--train-file": cfg.train_file, "--eval-file": cfg.eval_file})
@@ -241,8 +241,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
     try:
         lock.acquire()
     except OSError as exc:
-        raise RunFolderError(f"cannot use {out} as the run folder ({_reason(exc)}); choose a folder you can write "
-                             f"to with --output-dir.") from exc
+        raise RunFolderError(f"cannot use {out} as the run folder ({checkpoint.reason(exc)}); choose a folder "
+                             f"you can write to with --output-dir.") from exc
     try:
         if lock.previous_owner is not None:
             log(f"{out}: taking over from process {lock.previous_owner}, which ended without finishing")
@@ -252,21 +252,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
         lock.release()
 
 
-def _reason(exc: BaseException) -> str:
-    """The cause of an I/O error in a few words, e.g. "No space left on device: runs/x/metrics.jsonl"."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 def _check_model_fits(cfg: TrainConfig, model: nn.Module) -> None:
     """Options that only the loaded model can check: the sequence length and the export rank."""
     check_max_length(cfg.max_length, model)
     if cfg.export_rank is not None:
-        largest = min((min(layer.in_features, layer.out_features) for _, layer in lora_layers(model)), default=0)
-        if cfg.export_rank > largest:
+        limit = min((min(layer.in_features, layer.out_features) for _, layer in lora_layers(model)), default=0)
+        if cfg.export_rank > limit:
             raise ConfigError(f"--export-rank {cfg.export_rank} exceeds the rank of the smallest adapted weight "
-                              f"({largest}); use --export-rank {largest} or less.")
+                              f"({limit}); use --export-rank {limit} or less.")
 
 
 def check_max_length(max_length: int, model: nn.Module) -> None:
@@ -411,8 +404,9 @@ def _reported(run: RunFolder) -> Iterator[None]:
         if isinstance(exc, TrainingError):
             raise TrainingError(f"{exc} {run.kept()}") from None
         if isinstance(exc, (OSError, SafetensorError)):
-            raise RunFolderError(f"writing the run in {run.final} failed ({_reason(exc)}); free some space (or fix "
-                                 f"the folder's permissions) and run the command again. {run.kept()}") from exc
+            raise RunFolderError(f"writing the run in {run.final} failed ({checkpoint.reason(exc)}); free some "
+                                 f"space (or fix the folder's permissions) and run the command again. "
+                                 f"{run.kept()}") from exc
         raise
 
 
@@ -442,5 +436,6 @@ def _resume(cfg: TrainConfig, out: Path, model: nn.Module, setup: Any, frozen_ch
         elapsed = float(ckpt.state.get("elapsed", 0.0))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise checkpoint.CheckpointError(f"the training state of the checkpoint in {out} does not fit this run "
-                                         f"({type(exc).__name__}: {exc}); start over with --overwrite.") from None
+                                         f"({type(exc).__name__}: {checkpoint.reason(exc)}); start over with "
+                                         f"--overwrite.") from None
     return ckpt.step, elapsed

@@ -48,13 +48,13 @@ def check_location(output_dir: Path, inputs: dict[str, str | None]) -> None:
             continue
         used = Path(value).resolve()
         if used == out or out in used.parents:
-            raise ConfigError(f"{option} {value} lies inside --output-dir {output_dir}, whose files a run replaces; "
-                              f"move it elsewhere or choose another --output-dir.")
+            raise ConfigError(f"{option} {value} lies inside --output-dir {output_dir}, whose files runs replace; "
+                              f"keep the model and data outside the run folder, or choose another --output-dir.")
 
 
 def recover(output_dir: Path) -> None:
-    """Finish a promotion a kill interrupted, and remove a new run that never got its first checkpoint and the
-    temporary folders of interrupted writes."""
+    """Finish a promotion a kill interrupted; remove a staged run that was never promoted and the temporary folders
+    of interrupted writes."""
     replacing, replaced, staging = output_dir / _REPLACING, output_dir / _REPLACED, output_dir / STAGING
     if replacing.is_dir():  # the new run is complete (promotion starts after its checkpoint): carry on
         _move(outputs(output_dir), replacing)
@@ -71,8 +71,8 @@ def recover(output_dir: Path) -> None:
 
 @dataclass
 class RunFolder:
-    """Where the run writes now (`current`: `final`, or its staging folder until its first checkpoint) and the step
-    of its last durable checkpoint (`step`, None before the first)."""
+    """Where the run writes now (`current`: `final`, or the staging folder until `promote`) and the step of its
+    last durable checkpoint (`step`, None before the first)."""
 
     final: Path
     current: Path
