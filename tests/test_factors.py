@@ -137,9 +137,18 @@ def test_relora_on_peft_layers_matches_scalora_layers() -> None:
         assert not b.lora_B.any() if not b.embedding else not b.lora_A.any()
 
 
-def test_half_precision_peft_base_gets_compensated_folds() -> None:
+def test_half_precision_peft_base_folds() -> None:
+    """bf16 PEFT bases: stochastically rounded folds with no buffer by default; compensate=True keeps one."""
     model = peft_get_peft_model(tiny_llama().to(torch.bfloat16), PeftLoraConfig(r=4, target_modules=["q_proj"]))
+    before = [f.base_weight_oi().clone() for _, f in lora_factors(model)]
     optimizer = ScaLoRA(model, torch.optim.AdamW(_trainable(model), lr=1e-2))
+    for step in range(3):
+        _step(model, optimizer, 101, step)
+    assert all(f.base_compensation is None for _, f in lora_factors(model))
+    assert any(not torch.equal(w, f.base_weight_oi()) for w, (_, f) in zip(before, lora_factors(model), strict=True))
+
+    model = peft_get_peft_model(tiny_llama().to(torch.bfloat16), PeftLoraConfig(r=4, target_modules=["q_proj"]))
+    optimizer = ScaLoRA(model, torch.optim.AdamW(_trainable(model), lr=1e-2), compensate=True)
     _step(model, optimizer, 101, 0)
     _step(model, optimizer, 101, 1)
     compensations = [f.base_compensation for _, f in lora_factors(model)]

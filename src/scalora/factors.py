@@ -89,12 +89,13 @@ class LoraFactors(ABC):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     @abstractmethod
-    def fold_(self, B: torch.Tensor, A: torch.Tensor) -> None:
-        """W0 ← W0 + B A, Kahan-compensated once `enable_compensation` ran."""
+    def fold_(self, B: torch.Tensor, A: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """W0 ← W0 + B A, Kahan-compensated once `enable_compensation` ran, else rounded stochastically with
+        `generator` when given (`LoraLayer.fold_`)."""
 
     @abstractmethod
-    def check_fold(self, B: torch.Tensor, A: torch.Tensor, where: str) -> None:
-        """Refuse (`NonFiniteError`) a `fold_(B, A)` whose result is NaN or inf in W0's dtype."""
+    def fold_finite(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """A 0-dim bool device tensor: is `fold_(B, A)` finite in W0's dtype? (`scalora.finite.first_false`)"""
 
     @abstractmethod
     def enable_compensation(self) -> None:
@@ -178,11 +179,11 @@ class ScaloraFactors(LoraFactors):
     def base_weight_oi(self) -> torch.Tensor:
         return self.module.base_weight_oi()
 
-    def fold_(self, B: torch.Tensor, A: torch.Tensor) -> None:
-        self.module.fold_(B, A)
+    def fold_(self, B: torch.Tensor, A: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        self.module.fold_(B, A, generator)
 
-    def check_fold(self, B: torch.Tensor, A: torch.Tensor, where: str) -> None:
-        self.module.check_fold(B, A, where)
+    def fold_finite(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return self.module.fold_finite(B, A)
 
     def enable_compensation(self) -> None:
         self.module.enable_compensation()
@@ -194,12 +195,12 @@ class ScaloraFactors(LoraFactors):
 class PeftFactors(LoraFactors):
     """The factors of one adapter of a PEFT LoRA layer (``peft.tuners.lora.Linear`` or ``Embedding``).
 
-    Folds are scalora's own: `LoraLayer`'s Kahan-compensated fold and finite check read only `base_weight_oi`,
+    Folds are scalora's own: `LoraLayer`'s fold and finite check read only `base_weight_oi`,
     `base_compensation` and `weight`. The compensation buffer lives on the PEFT layer, outside its state dict.
     """
 
     fold_ = LoraLayer.fold_
-    check_fold = LoraLayer.check_fold
+    fold_finite = LoraLayer.fold_finite
     folded_weight = LoraLayer.folded_weight
     enable_compensation = LoraLayer.enable_compensation
 

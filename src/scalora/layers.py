@@ -16,7 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalora.errors import ConfigError
-from scalora.finite import require_finite
+from scalora.finite import finite_in, require_finite
+from scalora.rounding import stochastic_round
+
+#: size of one float32 temporary of a fold into a half-precision weight: folds work in row chunks of at most this
+#: many bytes and hold at most eight such temporaries at once (≤ 64 MiB whatever the layer's size)
+FOLD_CHUNK_BYTES = 8 * 2**20
+
+
+def row_chunks(rows: int, cols: int) -> list[slice]:
+    """Slices of consecutive rows of a rows × cols matrix whose float32 copy fits `FOLD_CHUNK_BYTES` (≥ 1 row)."""
+    step = max(1, FOLD_CHUNK_BYTES // (4 * max(1, cols)))
+    return [slice(start, start + step) for start in range(0, rows, step)]
 
 
 class LoraLayer(nn.Module):
@@ -100,23 +111,29 @@ class LoraLayer(nn.Module):
             self.base_compensation = torch.zeros_like(self.base_weight_oi(), memory_format=torch.contiguous_format)
 
     @torch.no_grad()
-    def fold_(self, B: torch.Tensor, A: torch.Tensor) -> None:
+    def fold_(self, B: torch.Tensor, A: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """W0 ← W0 + B A (in (out, in) layout), the base of ScaLoRA's and ReLoRA's merges.
 
-        With `enable_compensation`, the sum is formed in float32 as W0 + c + B A and the part lost when it is
-        rounded back to W0's dtype is kept in c (Kahan summation), so thousands of tiny folds into a bf16 weight
-        add up instead of vanishing.
+        A weight of another dtype than B (bf16, fp16) is written in row chunks (`row_chunks`), so no temporary is
+        larger than `FOLD_CHUNK_BYTES`. With `enable_compensation`, each chunk of W0 + c + B A is formed in float32
+        and the part lost when it is rounded back to W0's dtype is kept in c (Kahan summation: thousands of tiny
+        folds add up, at the cost of a buffer the size of W0). Else, with a `generator`, the sum is rounded
+        stochastically (`scalora.rounding.stochastic_round`: exact on average, no buffer); else to nearest.
         """
         weight = self.base_weight_oi()
-        if self.base_compensation is None:
-            if weight.dtype == B.dtype:
-                weight.addmm_(B, A)
-            else:
-                weight.add_((B @ A).to(weight.dtype))
+        if weight.dtype == B.dtype and self.base_compensation is None:
+            weight.addmm_(B, A)
             return
-        exact = torch.addmm(weight.float() + self.base_compensation.float(), B.float(), A.float())
-        weight.copy_(exact)
-        self.base_compensation.copy_(exact - weight.float())
+        for rows in row_chunks(*weight.shape):
+            if self.base_compensation is None and generator is None:
+                weight[rows].add_((B[rows] @ A).to(weight.dtype))
+                continue
+            exact = self.folded_weight(B, A, rows=rows)
+            if self.base_compensation is None:
+                weight[rows].copy_(stochastic_round(exact, weight.dtype, generator))
+                continue
+            weight[rows].copy_(exact)
+            self.base_compensation[rows].copy_(exact - weight[rows].to(exact.dtype))
 
     # ------------------------------------------------------------------ forward
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,20 +150,23 @@ class LoraLayer(nn.Module):
         return result + self.lora_output(x).to(result.dtype)
 
     # ------------------------------------------------------------------ merge / unmerge
-    def folded_weight(self, B: torch.Tensor, A: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """What `fold_(B, A)` rounds into W0 (after W0's rows are scaled by `row_scale`), computed at float32 or
-        wider: diag(row_scale) W0 + c + B A, with c the fold compensation when kept. Nothing is written."""
-        weight = self.base_weight_oi()
+    def folded_weight(self, B: torch.Tensor, A: torch.Tensor, row_scale: torch.Tensor | None = None,
+                      rows: slice = slice(None)) -> torch.Tensor:
+        """The `rows` of what `fold_(B, A)` rounds into W0 (after W0's rows are scaled by `row_scale`), computed at
+        float32 or wider: diag(row_scale) W0 + c + B A, with c the fold compensation when kept. Nothing is written."""
+        weight = self.base_weight_oi()[rows]
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        base = (weight if row_scale is None else weight * row_scale[:, None]).to(dtype)
+        base = (weight if row_scale is None else weight * row_scale[rows, None]).to(dtype)
         if self.base_compensation is not None:
-            base = base + self.base_compensation.to(dtype)
-        return torch.addmm(base, B.to(dtype), A.to(dtype))
+            base = base + self.base_compensation[rows].to(dtype)
+        return torch.addmm(base, B[rows].to(dtype), A.to(dtype))
 
-    def check_fold(self, B: torch.Tensor, A: torch.Tensor, where: str = "this layer") -> None:
-        """Refuse (`NonFiniteError`) a `fold_(B, A)` whose result is NaN or inf in the weight's dtype."""
-        require_finite(self.folded_weight(B, A), self.weight.dtype,
-                       f"folding the update into the base weight of {where}")
+    def fold_finite(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """A 0-dim bool tensor on W0's device, nothing read back: is a `fold_(B, A)` rounded to nearest finite in
+        the weight's dtype? Checked in row chunks (`row_chunks`); `scalora.finite.first_false` reads many at once."""
+        weight = self.base_weight_oi()
+        return torch.stack([finite_in(self.folded_weight(B, A, rows=rows), weight.dtype)
+                            for rows in row_chunks(*weight.shape)]).all()
 
     def check_merge(self, where: str = "this layer") -> None:
         """Refuse (`NonFiniteError`) a `merge` that would write NaN or inf into the base weight or bias."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -34,22 +33,43 @@ RULES = ("optimizer", "paper")
 DEFAULT_TAU = 0.3
 
 
-@dataclass
-class ScalingStats:
-    """What the last scaling step did: fractions of layers by solution kind and the spread of the scales."""
+#: the statistics of a scaling step, after `step` and `layers`, and their values before any layer was solved
+_STAT_FIELDS = {"column": 0.0, "scalar": 0.0, "identity": 0.0, "alpha_mean": 1.0, "alpha_std": 0.0,
+                "beta_mean": 1.0, "beta_std": 0.0}
 
-    step: int = 0
-    layers: int = 0
-    column: float = 0.0
-    scalar: float = 0.0
-    identity: float = 0.0
-    alpha_mean: float = 1.0
-    alpha_std: float = 0.0
-    beta_mean: float = 1.0
-    beta_std: float = 0.0
+
+class ScalingStats:
+    """What a scaling step did: fractions of `layers` solved by column / scalar / identity scaling, and the mean and
+    spread (population standard deviation) of α and β over all their entries.
+
+    `step` and `layers` are known on the host. The other fields (``column``, ``scalar``, ``identity``,
+    ``alpha_mean``, ``alpha_std``, ``beta_mean``, ``beta_std``) stay on the device as one tensor until one of them,
+    or `as_dict`, is read: that read is the step's only host–device synchronisation, and a step whose statistics
+    nobody reads makes none.
+    """
+
+    def __init__(self, step: int = 0, layers: int = 0, values: torch.Tensor | None = None) -> None:
+        self.step = step
+        self.layers = layers
+        self._values = values  # (7,) in the order of _STAT_FIELDS; None: nothing solved
+        self._host: dict[str, float] | None = None
+
+    def __getattr__(self, name: str) -> float:
+        if name not in _STAT_FIELDS:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return self._read()[name]
+
+    def _read(self) -> dict[str, float]:
+        if self._host is None:
+            values = _STAT_FIELDS.values() if self._values is None else self._values.tolist()
+            self._host = dict(zip(_STAT_FIELDS, values, strict=True))
+        return self._host
 
     def as_dict(self, prefix: str = "scalora/") -> dict[str, float]:
-        return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
+        return {f"{prefix}{k}": float(v) for k, v in {"step": self.step, "layers": self.layers, **self._read()}.items()}
+
+    def __repr__(self) -> str:
+        return f"ScalingStats({', '.join(f'{k}={v:g}' for k, v in self.as_dict('').items())})"
 
 
 class ScaLoRA(OptimizerWrapper):
@@ -72,8 +92,10 @@ class ScaLoRA(OptimizerWrapper):
         tau: the ratio of second- to first-order change that ``c="auto"`` allows.
         mode: ``"column"`` (per-column scales, scalar fallback) or ``"scalar"`` (one scale per factor).
         transfer_moments: transform the optimiser's moments with the scales (the paper's ablation turns it off).
-        compensate: carry rounding error of folds into half-precision base weights (default: when the base is
-            bf16/fp16).
+        compensate: how folds into a bf16 / fp16 base weight are rounded. ``None`` (default): stochastically
+            (`scalora.rounding`), which adds no memory and loses nothing on average; ``True``: Kahan-compensated, the
+            rounding error kept in a buffer the size of each adapted weight (the exact sum, for twice the weights'
+            memory); ``False``: to nearest (tiny folds vanish). ``benchmarks/bf16_drift.py`` measures the three.
 
     Behaves as a torch optimiser (`param_groups`, `zero_grad`, `state_dict`, LR schedulers, GradScaler,
     ``transformers.Trainer``); `last_stats` tells what the latest scaling step did.
@@ -122,12 +144,15 @@ class ScaLoRA(OptimizerWrapper):
         self.tau = float(tau)
         self.mode = mode
         self.transfer_moments = transfer_moments
-        self.identity_total = 0
+        self._identity_total: int | torch.Tensor = 0  # a device tensor once a step ran: read through identity_total
+        self._scalings: dict[tuple[int, ...], torch.Tensor] = {}  # per shape group: the layers' s, on their device
         self.last_stats = ScalingStats()
-        for _, layer in self.layers:
-            half = layer.base_weight_oi().dtype in (torch.float16, torch.bfloat16)
-            if compensate if compensate is not None else half:
+        if compensate:
+            for _, layer in self.layers:
                 layer.enable_compensation()
+        #: layers whose folds are rounded stochastically: half-precision bases, unless `compensate` says otherwise
+        self._stochastic = frozenset(i for i, (_, layer) in enumerate(self.layers) if compensate is None
+                                     and layer.weight.dtype in (torch.float16, torch.bfloat16))
 
     def __repr__(self) -> str:
         return (f"ScaLoRA(interval={self.interval}, rule={self.rule!r}, c={self.c!r}, tau={self.tau}, "
@@ -138,57 +163,89 @@ class ScaLoRA(OptimizerWrapper):
         if self.num_steps % self.interval == 0:
             self.rescale()
 
+    @property
+    def identity_total(self) -> int:
+        """How many layer solves of all scaling steps so far kept the identity (reading it synchronises)."""
+        return int(self._identity_total)
+
     @torch.no_grad()
     def rescale(self) -> ScalingStats:
-        """Solve α, β for every layer with gradients, merge the residual, rescale factors, gradients, moments."""
-        groups: dict[tuple, list[LoraFactors]] = defaultdict(list)
-        for _, layer in self.layers:
-            if layer.lora_A.grad is None or layer.lora_B.grad is None:
+        """Solve α, β for every layer with gradients, merge the residual, rescale factors, gradients, moments.
+
+        No host–device synchronisation: layers whose solve is the identity go through the same arithmetic with
+        their fold masked to zero, and the statistics stay on the device until read (`ScalingStats`).
+        """
+        group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (_, layer) in enumerate(self.layers):
+            A, B = layer.lora_A, layer.lora_B
+            if A.grad is None or B.grad is None:
                 continue
-            key = (tuple(layer.lora_A.shape), tuple(layer.lora_B.shape), layer.lora_A.dtype, layer.lora_A.device)
-            groups[key].append(layer)
+            # layers of one shape and one pair of parameter groups (so one learning rate) are solved together
+            key = (tuple(A.shape), tuple(B.shape), A.dtype, A.device, id(group_of[id(A)]), id(group_of[id(B)]))
+            groups[key].append(i)
         kinds, alphas, betas = [], [], []
-        for layers in groups.values():
-            scales = self._solve(layers)
-            for i, layer in enumerate(layers):
-                if int(scales.kind[i]) != IDENTITY:
-                    self._apply(layer, scales.alpha[i], scales.beta[i])
+        for indices in groups.values():
+            layers = [self.layers[i][1] for i in indices]
+            scales = self._solve(tuple(indices), group_of[id(layers[0].lora_A)], group_of[id(layers[0].lora_B)])
+            keep = scales.kind != IDENTITY
+            for k, (i, layer) in enumerate(zip(indices, layers, strict=True)):
+                self._apply(layer, scales.alpha[k], scales.beta[k], keep[k], self._fold_generator(i))
             kinds.append(scales.kind)
             alphas.append(scales.alpha.flatten())
             betas.append(scales.beta.flatten())
         self.last_stats = self._stats(kinds, alphas, betas)
         return self.last_stats
 
-    def _solve(self, layers: list[LoraFactors]) -> Scales:
-        """The scales of layers of one shape, by the paper's rule or from the wrapped optimiser's next step."""
+    def _fold_generator(self, index: int) -> torch.Generator | None:
+        """The random numbers for layer `index`'s stochastically rounded fold at this step, None when its folds are
+        not rounded so. Seeded by step and layer: a resumed run draws the same ones, with nothing saved."""
+        if index not in self._stochastic:
+            return None
+        generator = torch.Generator(device=self.layers[index][1].weight.device)
+        generator.manual_seed(self.num_steps * len(self.layers) + index)
+        return generator
+
+    def _scaling(self, indices: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The scales s of the layers `indices` as a float64 tensor on `device`, built once and kept."""
+        if indices not in self._scalings:
+            self._scalings[indices] = torch.tensor([self.layers[i][1].scaling for i in indices], dtype=torch.float64,
+                                                   device=device)
+        return self._scalings[indices]
+
+    def _solve(self, indices: tuple[int, ...], group_A: dict, group_B: dict) -> Scales:
+        """The scales of layers of one shape (and one pair of parameter groups `group_A`, `group_B` of their lora_A
+        and lora_B), by the paper's rule or from the wrapped optimiser's next step."""
+        layers = [self.layers[i][1] for i in indices]
         A = torch.stack([layer.lora_A for layer in layers])
         B = torch.stack([layer.lora_B for layer in layers])
         grad_A = torch.stack([layer.lora_A.grad for layer in layers])
         grad_B = torch.stack([layer.lora_B.grad for layer in layers])
-        scaling = torch.tensor([layer.scaling for layer in layers], dtype=torch.float64)
+        scaling = self._scaling(indices, A.device)
         if self.rule == "paper":
             return solve_scales(A, B, grad_A, grad_B, scaling=scaling, c=self.c, mode=self.mode)
-        group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
-        dirs_A, dirs_B, lrs = [], [], []
-        for layer in layers:
-            group_A, group_B = group_of[id(layer.lora_A)], group_of[id(layer.lora_B)]
-            dirs_A.append(next_direction(self.optimizer, group_A, layer.lora_A))
-            # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
-            ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
-            dirs_B.append(next_direction(self.optimizer, group_B, layer.lora_B) * ratio)
-            lrs.append(group_A["lr"])
-        H, lam, second = optimizer_system(A, B, grad_A, grad_B, torch.stack(dirs_A), torch.stack(dirs_B))
-        lr = lrs[0] if all(x == lrs[0] for x in lrs) else torch.tensor(lrs, dtype=H.dtype, device=H.device)
-        return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second, lr=lr,
-                            tau=self.tau)
+        # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
+        ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
+        dirs_A = torch.stack([next_direction(self.optimizer, group_A, layer.lora_A) for layer in layers])
+        dirs_B = torch.stack([next_direction(self.optimizer, group_B, layer.lora_B) * ratio for layer in layers])
+        H, lam, second = optimizer_system(A, B, grad_A, grad_B, dirs_A, dirs_B)
+        return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second,
+                            lr=group_A["lr"], tau=self.tau)
 
-    def _apply(self, layer: LoraFactors, alpha: torch.Tensor, beta: torch.Tensor) -> None:
-        """Merge s·B diag(1 − α⊙β) A into W0, then B ← B diag(α), A ← diag(β) A, and their gradients and moments."""
+    def _apply(self, layer: LoraFactors, alpha: torch.Tensor, beta: torch.Tensor, keep: torch.Tensor,
+               generator: torch.Generator | None) -> None:
+        """Merge s·B diag(1 − α⊙β) A into W0 (rounded stochastically with `generator` when given), then
+        B ← B diag(α), A ← diag(β) A, and their gradients and moments.
+
+        Where `keep` (a 0-dim bool tensor) is False the solve was the identity (α = β = 1): the fold adds exact zeros
+        (both factors are masked, so a NaN in them cannot reach W0) and every multiplication is by 1.
+        """
         A, B = layer.lora_A, layer.lora_B
         if self.transfer_moments:  # before anything changes
             check_moments(self.optimizer.state.get(B, {}))
             check_moments(self.optimizer.state.get(A, {}))
-        layer.fold_(B * (layer.scaling * (1.0 - alpha * beta)).to(B.dtype), A)
+        piece_B = torch.where(keep, B * (layer.scaling * (1.0 - alpha * beta)).to(B.dtype), 0.0)
+        layer.fold_(piece_B, torch.where(keep, A, 0.0), generator)
         alpha_b, beta_a = alpha.to(B.dtype), beta.to(A.dtype)
         B.mul_(alpha_b)
         A.mul_(beta_a[:, None])
@@ -199,19 +256,16 @@ class ScaLoRA(OptimizerWrapper):
             scale_moments(self.optimizer.state.get(A, {}), alpha_b[:, None])
 
     def _stats(self, kinds: list[torch.Tensor], alphas: list[torch.Tensor], betas: list[torch.Tensor]) -> ScalingStats:
+        """The step's statistics as one device tensor (nothing is read back here)."""
         if not kinds:
             return ScalingStats(step=self.num_steps)
         kind = torch.cat(kinds)
         alpha, beta = torch.cat(alphas).double(), torch.cat(betas).double()
-        n = kind.numel()
-        identity = int((kind == IDENTITY).sum())
-        self.identity_total += identity
-        return ScalingStats(
-            step=self.num_steps, layers=n, column=int((kind == COLUMN).sum()) / n,
-            scalar=int((kind == SCALAR).sum()) / n, identity=identity / n,
-            alpha_mean=float(alpha.mean()), alpha_std=float(alpha.std(unbiased=False)),
-            beta_mean=float(beta.mean()), beta_std=float(beta.std(unbiased=False)),
-        )
+        self._identity_total = self._identity_total + (kind == IDENTITY).sum()
+        values = torch.stack([(kind == COLUMN).double().mean(), (kind == SCALAR).double().mean(),
+                              (kind == IDENTITY).double().mean(), alpha.mean(), alpha.std(unbiased=False),
+                              beta.mean(), beta.std(unbiased=False)])
+        return ScalingStats(step=self.num_steps, layers=kind.numel(), values=values)
 
     # ------------------------------------------------------------------ checkpoints
     def settings(self) -> dict[str, Any]:
@@ -222,4 +276,4 @@ class ScaLoRA(OptimizerWrapper):
         return {"identity_total": self.identity_total}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.identity_total = int(state.get("identity_total", 0))
+        self._identity_total = int(state.get("identity_total", 0))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from scalora.errors import ConfigError
+from scalora.finite import first_false, nonfinite_error
 from scalora.moments import prune_moments
 from scalora.wrapper import OptimizerWrapper
 
@@ -39,8 +40,11 @@ class ReLoRA(OptimizerWrapper):
     def reset(self) -> None:
         """Merge every adapter into its base, re-initialise it, prune its moments. Refused (`NonFiniteError`, nothing
         changed) if a merge would write NaN or inf into a base weight."""
-        for name, layer in self.layers:
-            layer.check_fold(layer.lora_B * layer.scaling, layer.lora_A, f"layer {name!r}")
+        bad = first_false([(name, layer.fold_finite(layer.lora_B * layer.scaling, layer.lora_A))
+                           for name, layer in self.layers])
+        if bad is not None:
+            weight = dict(self.layers)[bad].weight
+            raise nonfinite_error(weight.dtype, f"folding the update into the base weight of layer {bad!r}")
         for _, layer in self.layers:
             layer.fold_(layer.lora_B * layer.scaling, layer.lora_A)
             layer.reset_lora_parameters()

@@ -106,12 +106,25 @@ def _batch(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> tuple[Tensor
     return A, B, grad_A, grad_B, batched
 
 
+def _on_device(x: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`x` as a tensor of `dtype` on `device`. A Python number is filled in on the device (`torch.full`) rather than
+    copied from the host, so a scaling step on an accelerator never waits for a host-to-device transfer."""
+    if isinstance(x, Tensor):
+        return x.to(dtype=dtype, device=device)
+    return torch.full((), x, dtype=dtype, device=device)
+
+
+def _cs2(c: float | Tensor, scaling: float | Tensor, like: Tensor) -> Tensor:
+    """c s² in `like`'s dtype and device, with a trailing dim to broadcast over the 2r entries of v when batched."""
+    cs2 = _on_device(c, like.dtype, like.device) * _on_device(scaling, like.dtype, like.device) ** 2
+    return cs2.unsqueeze(-1) if cs2.dim() > 0 else cs2
+
+
 def _per_layer(x: float | Tensor, n: int, dtype: torch.dtype, device: torch.device, name: str) -> Tensor:
     """A positive float (checked) or a tensor broadcastable to (n,) (not checked: no host sync), as (n, 1)."""
     if isinstance(x, (int, float)) and not (0 < x < float("inf")):
         raise ValueError(f"{name} must be positive and finite, got {x}")
-    t = torch.as_tensor(x, dtype=dtype, device=device)
-    return t.reshape(-1, 1).expand(n, 1)
+    return _on_device(x, dtype, device).reshape(-1, 1).expand(n, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -183,12 +196,7 @@ def objective(H: Tensor, lam: Tensor, v: Tensor) -> Tensor:
 
 def v_from_scales(alpha: Tensor, beta: Tensor, scaling: float | Tensor, c: float | Tensor) -> Tensor:
     """v = c s² [α²; β²] (…, 2r): the variable of the quadratic for given scales."""
-    cs2 = (
-        torch.as_tensor(c, dtype=alpha.dtype, device=alpha.device)
-        * torch.as_tensor(scaling, dtype=alpha.dtype, device=alpha.device) ** 2
-    )
-    if cs2.dim() > 0:
-        cs2 = cs2.unsqueeze(-1)
+    cs2 = _cs2(c, scaling, alpha)
     return cs2 * torch.cat([alpha.square(), beta.square()], dim=-1)
 
 
@@ -202,12 +210,7 @@ def scales_from_v(
     """
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power!r}")
-    cs2 = (
-        torch.as_tensor(c, dtype=v.dtype, device=v.device)
-        * torch.as_tensor(scaling, dtype=v.dtype, device=v.device) ** 2
-    )
-    if cs2.dim() > 0:
-        cs2 = cs2.unsqueeze(-1)
+    cs2 = _cs2(c, scaling, v)
     r = v.shape[-1] // 2
     w = v / cs2
     if power == 2:
@@ -298,17 +301,23 @@ def _column_solve(H: Tensor, lam: Tensor, free: Tensor) -> tuple[Tensor, Tensor]
         res = (Hs @ u.unsqueeze(-1)).squeeze(-1) - ls
         return torch.isfinite(u).all(-1) & (res.norm(dim=-1) <= tol * ls.norm(dim=-1))
 
-    ok = (info == 0) & residual_ok(u)
-    bad = ~ok
-    if bool(bad.any()):  # rare: (near-)singular H; one host sync on accelerators
+    bad = ~((info == 0) & residual_ok(u))
+    if H.device.type == "cpu":  # rare: (near-)singular H. The flags are in host memory: reading them costs nothing
         idx = bad.nonzero().squeeze(-1)
-        w, U = torch.linalg.eigh(Hs[idx])
-        cutoff = 10.0 * m * eps_dt * w.amax(-1, keepdim=True).clamp_min(0.0)
-        winv = torch.where(w > cutoff, 1.0 / w, torch.zeros_like(w))
-        u_p = (U @ (winv * (U.mT @ ls[idx].unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
-        u = u.index_copy(0, idx, u_p)
-        ok = residual_ok(u)
-    return u * dinv * fm, ok
+        if idx.numel():
+            u = u.index_copy(0, idx, _pseudo_inverse_solve(Hs[idx], ls[idx]))
+    else:  # on an accelerator, solve every layer both ways rather than wait for the flags
+        u = torch.where(bad.unsqueeze(-1), _pseudo_inverse_solve(Hs, ls), u)
+    return u * dinv * fm, residual_ok(u)
+
+
+def _pseudo_inverse_solve(Hs: Tensor, ls: Tensor) -> Tensor:
+    """The minimum-norm least-squares solution of Hs u = ls (batched, Hs symmetric): eigendecomposition, eigenvalues
+    below 2r·10·ε_dtype·max eigenvalue dropped."""
+    w, U = torch.linalg.eigh(Hs)
+    cutoff = 10.0 * Hs.shape[-1] * torch.finfo(Hs.dtype).eps * w.amax(-1, keepdim=True).clamp_min(0.0)
+    winv = torch.where(w > cutoff, 1.0 / w, torch.zeros_like(w))
+    return (U @ (winv * (U.mT @ ls.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
 
 
 def _scalar_solve(H: Tensor, lam: Tensor, free: Tensor) -> Tensor:
