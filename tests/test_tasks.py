@@ -329,7 +329,7 @@ def test_prompt_completion_file_and_holdout(tmp_path: Path) -> None:
         ("bad.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0\n', r"bad\.jsonl line 3: invalid JSON"),
         ("miss.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', r"miss\.jsonl line 2: missing field 'label'"),
         ("pc.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n', r"line 2: missing field 'completion'"),
-        ("kind.jsonl", '{"input": "a", "output": "b"}\n', r"kind\.jsonl line 1: expected fields 'text' and 'label'"),
+        ("kind.jsonl", '{"input": "a", "output": "b"}\n', r"kind\.jsonl line 1: expected fields 'messages' \(chat\), 'text' and 'label'"),
         ("empty.jsonl", "\n\n", r"empty\.jsonl: the file is empty"),
         ("empty.csv", "", r"empty\.csv: the file is empty"),
         ("obj.jsonl", '["a", 1]\n', r"obj\.jsonl: found a JSON array"),
@@ -338,7 +338,7 @@ def test_prompt_completion_file_and_holdout(tmp_path: Path) -> None:
         ("blank.jsonl", '{"text": "a", "label": 1}\n{"text": " ", "label": 1}\n', r"line 2: field 'text' is empty"),
         ("float.jsonl", '{"text": "a", "label": 0.5}\n', r"line 1: field 'label' must be an integer or a non-empty"),
         ("neg.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": -1}\n', r"neg\.jsonl line 2: label -1"),
-        ("hdr.csv", "text,target\na,1\n", r"hdr\.csv line 1: the header has columns 'text', 'target'; expected"),
+        ("hdr.csv", "body,target\na,1\n", r"hdr\.csv line 1: the header has columns 'body', 'target'; expected"),
         ("short.csv", "text,label\na,1\nb\n", r"short\.csv line 3: missing field 'label'"),
         ("long.csv", "text,label\na,1\nb,2,3\n", r"long\.csv line 3: more values than the 2 header columns"),
         ("data.txt", "hello\n", r"unsupported file type '\.txt'"),
@@ -356,7 +356,7 @@ def test_file_errors_other(tmp_path: Path) -> None:
         load_task(train_file=tmp_path / "missing.jsonl")
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": "x", "label": 0}, {"text": "y", "label": 1}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "x", "completion": "y"}])
-    with pytest.raises(DataError, match="same kind"):
+    with pytest.raises(DataError, match="same format"):
         load_task(train_file=a, eval_file=b)
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "a"}])
     with pytest.raises(DataError, match="at least two labels"):

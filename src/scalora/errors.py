@@ -11,3 +11,7 @@ class ConfigError(ScaloraError, ValueError):
 
 class AdapterFileError(ScaloraError):
     """A missing, corrupt or mismatching adapter file."""
+
+
+class DataError(ScaloraError):
+    """Training or evaluation data is missing or malformed; the message names the file and line."""

@@ -4,7 +4,9 @@ Every reader returns plain lists of dicts with a fixed shape:
 
 - classification: ``{"text": str, "label": int}`` (plus ``"text_pair": str`` for sentence-pair data);
 - causal LM: ``{"prompt": str, "completion": str}``; multiple-choice examples add ``"choices"`` and ``"label"``,
-  maths examples add ``"answer"``.
+  maths examples add ``"answer"``; chat examples are ``{"messages": [...], "where": str}``.
+
+User files may hold any record format of :mod:`scalora.train.formats`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from scalora.errors import ScaloraError
+from scalora.errors import DataError
+from scalora.train import formats
+from scalora.train.formats import LabelledRow
 
 __all__ = [
     "DataError",
@@ -34,28 +38,9 @@ __all__ = [
     "split_examples",
 ]
 
-DataKind = Literal["classification", "causal_lm"]
-FIELDS: dict[DataKind, tuple[str, str]] = {
-    "classification": ("text", "label"),
-    "causal_lm": ("prompt", "completion"),
-}
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 MAX_CLASSES = 10_000  # integer labels are class ids: a larger one is a typo (and would build that many outputs)
 T = TypeVar("T")
-
-
-class DataError(ScaloraError):
-    """Training or evaluation data is missing or malformed; the message names the file and line."""
-
-
-@dataclass
-class LabelledRow:
-    """A classification row before its label is turned into an id; remembers where it came from."""
-
-    where: str  # "file.jsonl line 7"
-    text: str
-    label: Any
-    text_pair: str | None = None
 
 
 @dataclass
@@ -63,12 +48,8 @@ class FileData:
     """The validated rows of one data file."""
 
     path: Path
-    kind: DataKind
-    rows: list[Any]  # LabelledRow for classification, {"prompt", "completion"} dicts for causal LM
-
-
-def _expected() -> str:
-    return "'text' and 'label' (classification) or 'prompt' and 'completion' (causal LM)"
+    format: formats.RecordFormat
+    rows: list[Any]  # parsed by the format: LabelledRow, {"prompt", "completion"} or {"messages", "where"}
 
 
 def _records(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
@@ -90,7 +71,9 @@ def _records(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 
 def _json_lines(path: Path, text: str) -> Iterable[tuple[int, dict[str, Any]]]:
     if text.lstrip().startswith("["):
-        raise DataError(f"{path}: found a JSON array; expected JSON Lines, one object per line, with {_expected()}")
+        raise DataError(
+            f"{path}: found a JSON array; expected JSON Lines, one object per line, with {formats.expected()}"
+        )
     for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit in a string
         if not line.strip():
             continue
@@ -103,7 +86,7 @@ def _json_lines(path: Path, text: str) -> Iterable[tuple[int, dict[str, Any]]]:
                             f"record to plain fields") from None
         if not isinstance(record, dict):
             raise DataError(
-                f"{path} line {lineno}: expected a JSON object with {_expected()}, got {type(record).__name__}"
+                f"{path} line {lineno}: expected a JSON object with {formats.expected()}, got {type(record).__name__}"
             )
         yield lineno, record
 
@@ -112,9 +95,9 @@ def _csv_rows(path: Path, text: str, delimiter: str) -> Iterable[tuple[int, dict
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = reader.fieldnames or []
-        if header and not any(all(f in header for f in fields) for fields in FIELDS.values()):
+        if header and formats.match(header) is None:
             found = ", ".join(repr(h) for h in header)
-            raise DataError(f"{path} line 1: the header has columns {found}; expected columns {_expected()}")
+            raise DataError(f"{path} line 1: the header has columns {found}; expected columns {formats.expected()}")
         for row in reader:
             if None in row:
                 raise DataError(
@@ -126,56 +109,13 @@ def _csv_rows(path: Path, text: str, delimiter: str) -> Iterable[tuple[int, dict
         raise DataError(f"{path} line {reader.line_num}: malformed CSV ({e})") from e
 
 
-def _detect_kind(path: Path, lineno: int, record: dict[str, Any]) -> DataKind:
-    for kind, fields in FIELDS.items():
-        if all(f in record for f in fields):
-            return kind
-    found = ", ".join(repr(k) for k in record) or "none"
-    raise DataError(f"{path} line {lineno}: expected fields {_expected()}; found {found}")
-
-
-def _string_field(path: Path, lineno: int, record: dict[str, Any], field: str, kind: DataKind, empty_ok: bool) -> str:
-    if field not in record:
-        a, b = FIELDS[kind]
-        raise DataError(
-            f"{path} line {lineno}: missing field {field!r} (this file holds {kind} data: "
-            f"every line needs {a!r} and {b!r})"
-        )
-    value = record[field]
-    if not isinstance(value, str):
-        raise DataError(f"{path} line {lineno}: field {field!r} must be a string, got {type(value).__name__}")
-    if not empty_ok and not value.strip():
-        raise DataError(f"{path} line {lineno}: field {field!r} is empty")
-    return value
-
-
 def read_file(path: str | Path) -> FileData:
-    """Read and validate a JSONL or CSV file of ``text``+``label`` or ``prompt``+``completion`` rows."""
+    """Read and validate a JSONL or CSV file in one of the record formats of :mod:`scalora.train.formats`."""
     path = Path(path)
-    kind: DataKind | None = None
-    rows: list[Any] = []
-    for lineno, record in _records(path):
-        if kind is None:
-            kind = _detect_kind(path, lineno, record)
-        if kind == "classification":
-            text = _string_field(path, lineno, record, "text", kind, empty_ok=False)
-            if "label" not in record:
-                _string_field(path, lineno, record, "label", kind, empty_ok=False)  # raises the message
-            label = record["label"]
-            if isinstance(label, str):
-                label = label.strip()
-            if not isinstance(label, str | int) or label == "":
-                raise DataError(
-                    f"{path} line {lineno}: field 'label' must be an integer or a non-empty string, got {label!r}"
-                )
-            rows.append(LabelledRow(f"{path} line {lineno}", text, label))
-        else:
-            prompt = _string_field(path, lineno, record, "prompt", kind, empty_ok=True)
-            completion = _string_field(path, lineno, record, "completion", kind, empty_ok=False)
-            rows.append({"prompt": prompt, "completion": completion})
-    if kind is None:
-        raise DataError(f"{path}: the file is empty; expected rows with {_expected()}")
-    return FileData(path, kind, rows)
+    fmt, rows = formats.parse_records((f"{path} line {lineno}", record) for lineno, record in _records(path))
+    if fmt is None:
+        raise DataError(f"{path}: the file is empty; expected rows with {formats.expected()}")
+    return FileData(path, fmt, rows)
 
 
 _INT = re.compile(r"[+-]?\d+")

@@ -379,7 +379,7 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
         summary = {
             "method": cfg.method, "model": cfg.model, "task": task.name, "steps": cfg.steps, "seed": cfg.seed,
             "metric": task.metric, "eval": last_eval.get(f"eval/{task.metric}", math.nan),
-            "label_names": task.label_names,
+            "label_names": task.label_names, "data": task.data,
             "final_train_loss": statistics.fmean(losses[-10:]) if losses else math.nan,
             "wall_time_s": elapsed, "median_step_s": statistics.median(timed) if timed else math.nan,
             "peak_rss_mib": _peak_rss_mib(),

@@ -6,8 +6,10 @@
   metric ``accuracy``;
 - :class:`MultipleChoiceTask` (``socialiqa``): a causal LM trained on prompt + correct answer and scored by the
   summed log-likelihood of each choice, metric ``accuracy``;
-- :class:`GenerationTask` (prompt+completion files) and :class:`MathTask` (``gsm``): a causal LM trained on
-  prompt + completion and scored by greedy generation, metric ``exact_match``.
+- :class:`GenerationTask` (prompt+completion and Alpaca records) and :class:`MathTask` (``gsm``): a causal LM
+  trained on prompt + completion and scored by greedy generation, metric ``exact_match``;
+- :class:`LanguageModelTask` (plain text records) and :class:`ChatTask` (chat messages): a causal LM scored by
+  its held-out loss on the labelled tokens, metric ``loss`` (lower is better).
 
 Batches from :meth:`Task.collate` go straight into ``model(**batch)``, which returns ``.loss``.
 """
@@ -24,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from scalora.train import data
+from scalora.train import chat, data, formats
+from scalora.train.chat import IGNORE_INDEX
 from scalora.train.data import DataError
 
 if TYPE_CHECKING:
@@ -33,10 +36,13 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN_TASKS",
     "CausalLMCollator",
+    "ChatCollator",
+    "ChatTask",
     "ClassificationCollator",
     "ClassificationTask",
     "DataError",
     "GenerationTask",
+    "LanguageModelTask",
     "MathTask",
     "MultipleChoiceTask",
     "Task",
@@ -49,7 +55,6 @@ __all__ = [
 
 TaskKind = Literal["classification", "causal_lm"]
 Batch = dict[str, torch.Tensor]
-IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,20 +135,38 @@ class CausalLMCollator:
         self.max_length = max_length
 
     def __call__(self, examples: list[dict[str, Any]]) -> Batch:
-        encoded = [
-            encode_pair(self.tokenizer, ex["prompt"], ex["completion"], self.max_length, eos=True) for ex in examples
-        ]
-        width = max(len(ids) for ids, _ in encoded)
-        pad = _pad_id(self.tokenizer)
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, (ids, n_prompt) in enumerate(encoded):
-            t = torch.tensor(ids, dtype=torch.long)
-            input_ids[row, : len(ids)] = t
-            labels[row, n_prompt : len(ids)] = t[n_prompt:]
-            attention[row, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        rows = []
+        for ex in examples:
+            ids, n_prompt = encode_pair(self.tokenizer, ex["prompt"], ex["completion"], self.max_length, eos=True)
+            rows.append((ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:]))
+        return _right_padded(rows, _pad_id(self.tokenizer))
+
+
+class ChatCollator:
+    """Chat examples ``{"messages", "where"}`` → ``input_ids``, ``attention_mask``, ``labels``, rendered with the
+    tokenizer's chat template (:func:`chat.encode_chat`): labels on the assistant turns only, right-padded."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, examples: list[dict[str, Any]]) -> Batch:
+        rows = [chat.encode_chat(self.tokenizer, ex, self.max_length) for ex in examples]
+        return _right_padded(rows, _pad_id(self.tokenizer))
+
+
+def _right_padded(rows: list[tuple[list[int], list[int]]], pad: int) -> Batch:
+    """A batch of ``(ids, labels)`` rows, right-padded; padding is masked by position, never by token id, so an
+    EOS used as the pad token is still learned where it is a label."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, : len(ids)] = torch.tensor(labs, dtype=torch.long)
+        attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,7 +242,16 @@ def completion_loss(
 ) -> float:
     """Held-out language-model loss: −(1/N) Σ log p(token | prefix) over the N completion (+ EOS) tokens of
     ``examples``, batched with :class:`CausalLMCollator`, i.e. the training loss, but token-weighted over the set."""
-    collate = CausalLMCollator(tokenizer, max_length)
+    return labelled_loss(model, CausalLMCollator(tokenizer, max_length), examples, batch_size)
+
+
+def labelled_loss(
+    model: PreTrainedModel,
+    collate: Callable[[list[dict[str, Any]]], Batch],
+    examples: Sequence[dict[str, Any]],
+    batch_size: int,
+) -> float:
+    """−(1/N) Σ log p(token | prefix) over the N labelled tokens of ``examples`` batched with ``collate``."""
     device = _device(model)
     total, count = 0.0, 0
     with _evaluating(model):
@@ -317,6 +349,7 @@ class Task:
     num_labels: int | None = None
     label_names: list[str] | None = None
     description: str = ""
+    data: dict[str, Any] = field(default_factory=dict)  # user data: its record format and how the eval set was made
 
     def collate(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[list[dict[str, Any]]], Batch]:
         """A ``collate_fn`` turning a list of examples into a batch for ``model(**batch)`` (with ``labels``)."""
@@ -346,7 +379,9 @@ class Task:
     def summary(self) -> str:
         """One line for logs."""
         labels = f", {self.num_labels} labels" if self.num_labels else ""
-        return f"{self.name} ({self.kind}{labels}): {len(self.train)} train, {len(self.eval)} eval, {self.metric}"
+        records = f", {self.data['format']} records" if "format" in self.data else ""
+        return (f"{self.name} ({self.kind}{labels}{records}): {len(self.train)} train, {len(self.eval)} eval, "
+                f"{self.metric}")
 
 
 @dataclass(kw_only=True)
@@ -459,6 +494,37 @@ class MathTask(GenerationTask):
         return extract_number(generated)
 
 
+@dataclass(kw_only=True)
+class LanguageModelTask(Task):
+    """Causal LM on ``{"prompt", "completion"}`` examples (plain text: an empty prompt, so every token is learned);
+    scored by ``loss``, the held-out loss of the labelled tokens (:func:`labelled_loss`; lower is better)."""
+
+    kind: TaskKind = "causal_lm"
+    metric: str = "loss"
+
+    def evaluate(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        batch_size: int,
+        limit: int | None = None,
+    ) -> dict[str, float]:
+        examples = self._eval_examples(limit)
+        loss = labelled_loss(model, self.collate(tokenizer, max_length), examples, batch_size)
+        return {self.metric: loss, "n": float(len(examples))}
+
+
+@dataclass(kw_only=True)
+class ChatTask(LanguageModelTask):
+    """Chat ``{"messages", "where"}`` examples through the tokenizer's chat template, labels on the assistant turns
+    (:class:`ChatCollator`); scored by the held-out loss of the assistant tokens."""
+
+    def collate(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[list[dict[str, Any]]], Batch]:
+        chat.check_chat_template(tokenizer, (self.train or self.eval)[0]["where"])
+        return ChatCollator(tokenizer, max_length)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading.
 
@@ -534,8 +600,8 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
 
 def _known() -> str:
     return (
-        f"known tasks: {', '.join(BUILTIN_TASKS)}; or give --train-file/--eval-file (JSONL or CSV with text+label "
-        "or prompt+completion); or hf:DATASET[:CONFIG] with the `datasets` package"
+        f"known tasks: {', '.join(BUILTIN_TASKS)}; or give --train-file/--eval-file (JSONL or CSV with "
+        f"{formats.expected()}); or hf:DATASET[:CONFIG] with the `datasets` package"
     )
 
 
@@ -591,23 +657,49 @@ def _task_from_files(
         raise DataError("give a task name or --train-file (and optionally --eval-file); " + _known())
     train = data.read_file(train_file) if train_file is not None else None
     ev = data.read_file(eval_file) if eval_file is not None else None
-    if train is not None and ev is not None and train.kind != ev.kind:
+    if train is not None and ev is not None and train.format is not ev.format:
         raise DataError(
-            f"{train.path} holds {train.kind} data but {ev.path} holds {ev.kind} data; both must be the same kind"
+            f"{train.path} holds {train.format.name} records but {ev.path} holds {ev.format.name} records; both "
+            f"files must have the same format"
         )
     source = train if train is not None else ev
     assert source is not None
-    kind = source.kind
     name = Path(first).stem
     train_rows: list[Any] = train.rows if train is not None else []
     if ev is not None:
         eval_rows: list[Any] = data.subsample(ev.rows, eval_size, seed)
+        info: dict[str, Any] = {"eval_split": "file", "eval_file": str(ev.path)}
     else:
         train_rows, eval_rows = data.hold_out(train_rows, eval_size, seed, str(train_file))
+        info = _held_out(eval_rows, str(train_file), seed)
+    info = {"format": source.format.name, "train_file": None if train is None else str(train.path), **info}
     train_rows = data.subsample(train_rows, train_size, seed)
-    if kind == "classification":
-        return _classification_from_rows(name, train_rows, eval_rows, eval_separate=ev is not None)
-    task = GenerationTask(name=name, train=train_rows, eval=eval_rows)
+    if source.format.kind == "classification":
+        task = _classification_from_rows(name, train_rows, eval_rows, eval_separate=ev is not None)
+        task.data = info
+        return task
+    return _causal_task(name, source.format, train_rows, eval_rows, info, max_new_tokens)
+
+
+def _held_out(eval_rows: list[Any], source: str, seed: int) -> dict[str, Any]:
+    """How an eval set held out of the training data was made, for the run's summary."""
+    return {"eval_split": "held_out", "held_out": len(eval_rows), "held_out_from": source, "seed": seed}
+
+
+def _causal_task(
+    name: str,
+    fmt: formats.RecordFormat,
+    train_rows: list[Any],
+    eval_rows: list[Any],
+    info: dict[str, Any],
+    max_new_tokens: int | None,
+) -> Task:
+    """The task of a causal LM record format: chat, plain text, or prompt+completion (and Alpaca)."""
+    if fmt.name == "chat":
+        return ChatTask(name=name, train=train_rows, eval=eval_rows, data=info)
+    if fmt.name == "text":
+        return LanguageModelTask(name=name, train=train_rows, eval=eval_rows, data=info)
+    task = GenerationTask(name=name, train=train_rows, eval=eval_rows, data=info)
     if max_new_tokens is not None:
         task.max_new_tokens = max_new_tokens
     return task
@@ -647,28 +739,29 @@ def task_from_datasets(
     seed: int,
     max_new_tokens: int | None = None,
 ) -> Task:
-    """A task from a ``datasets.DatasetDict`` with a ``train`` split and text+label (or prompt+completion)
-    columns. The eval split is the first of validation/dev/test present; when it has no labels (GLUE's test
-    splits) or none is present, a seeded part of train is held out. A ``ClassLabel`` column keeps its ids."""
+    """A task from a ``datasets.DatasetDict`` with a ``train`` split: text+label columns (a label column makes it
+    classification), or the columns of a causal LM record format (:mod:`scalora.train.formats`: messages,
+    prompt+completion, instruction+output, text). The eval split is the first of validation/dev/test present; when
+    it has no labels (GLUE's test splits) or none is present, a seeded part of train is held out. A ``ClassLabel``
+    column keeps its ids."""
     if "train" not in dataset:
         raise DataError(f"{name}: no 'train' split (splits: {', '.join(dataset)})")
     columns = list(dataset["train"].column_names)
     eval_split = next((s for s in _EVAL_SPLITS if s in dataset), None)
-    if "prompt" in columns and "completion" in columns:
-        rows = {
-            split: [{"prompt": r["prompt"], "completion": r["completion"]} for r in dataset[split]]
-            for split in ("train", eval_split)
-            if split is not None
-        }
-        if eval_split is None:
-            train_rows, eval_rows = data.hold_out(rows["train"], eval_size, seed, name)
-        else:
-            train_rows, eval_rows = rows["train"], data.subsample(rows[eval_split], eval_size, seed)
-        task = GenerationTask(name=name, train=data.subsample(train_rows, train_size, seed), eval=eval_rows)
-        if max_new_tokens is not None:
-            task.max_new_tokens = max_new_tokens
-        return task
     label_col = next((c for c in _LABEL_COLUMNS if c in columns), None)
+    fmt = formats.match(columns)
+    if label_col is None and fmt is not None:
+        def rows(split: str) -> list[Any]:
+            return formats.parse_records((f"{name} {split} row {i}", r) for i, r in enumerate(dataset[split]))[1]
+
+        train_rows = rows("train")
+        if eval_split is None:
+            train_rows, eval_rows = data.hold_out(train_rows, eval_size, seed, name)
+            info = _held_out(eval_rows, f"{name} train", seed)
+        else:
+            eval_rows, info = data.subsample(rows(eval_split), eval_size, seed), {"eval_split": eval_split}
+        train_rows = data.subsample(train_rows, train_size, seed)
+        return _causal_task(name, fmt, train_rows, eval_rows, {"format": fmt.name, **info}, max_new_tokens)
     text_cols = next((p for p in _PAIR_COLUMNS if all(c in columns for c in p)), None)
     if text_cols is None:
         text_col = next((c for c in _TEXT_COLUMNS if c in columns), None)
@@ -684,10 +777,14 @@ def task_from_datasets(
     eval_rows = _hf_rows(dataset[eval_split], f"{name} {eval_split}", label_col, text_cols) if eval_split else []
     if eval_rows:
         eval_rows = data.subsample(eval_rows, eval_size, seed)
+        info = {"eval_split": eval_split}
     else:
         train_rows, eval_rows = data.hold_out(train_rows, eval_size, seed, name)
+        info = _held_out(eval_rows, f"{name} train", seed)
     train_rows = data.subsample(train_rows, train_size, seed)
-    return _classification_from_rows(name, train_rows, eval_rows, class_names)
+    task = _classification_from_rows(name, train_rows, eval_rows, class_names)
+    task.data = {"format": "classification", **info}
+    return task
 
 
 def _task_from_hf(
@@ -741,8 +838,9 @@ def load_task(
 
     - Built-in tasks use their default sizes when ``train_size``/``eval_size`` are None; the seeded split keeps
       the eval set fixed when only ``train_size`` changes.
-    - Files (``name_or_spec`` None or ``"file"``): JSONL/CSV with ``text``+``label`` or ``prompt``+``completion``;
-      without ``eval_file``, a seeded tenth (at most 1000 rows, or ``eval_size``) of the train file is held out.
+    - Files (``name_or_spec`` None or ``"file"``): JSONL/CSV in a record format of :mod:`scalora.train.formats`
+      (chat, text+label, prompt+completion, Alpaca, plain text); without ``eval_file``, a seeded tenth (at most
+      1000 rows, or ``eval_size``) of the train file is held out. ``Task.data`` says which.
     - ``hf:`` specs need the ``datasets`` package; ``train_file``/``eval_file`` become its ``data_files``, so
       ``hf:json``/``hf:csv`` read local files.
     - ``max_new_tokens`` sets the generation length of generation tasks (``gsm``: 256 by default).
