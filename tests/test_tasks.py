@@ -329,7 +329,7 @@ def test_prompt_completion_file_and_holdout(tmp_path: Path) -> None:
         ("bad.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0\n', r"bad\.jsonl line 3: invalid JSON"),
         ("miss.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', r"miss\.jsonl line 2: missing field 'label'"),
         ("pc.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n', r"line 2: missing field 'completion'"),
-        ("kind.jsonl", '{"input": "a", "output": "b"}\n', r"kind\.jsonl line 1: expected fields 'messages' \(chat\), 'text' and 'label'"),
+        ("kind.jsonl", '{"input": "a", "output": "b"}\n', r"kind\.jsonl line 1: expected fields 'messages' \(chat\)"),
         ("empty.jsonl", "\n\n", r"empty\.jsonl: the file is empty"),
         ("empty.csv", "", r"empty\.csv: the file is empty"),
         ("obj.jsonl", '["a", 1]\n', r"obj\.jsonl: found a JSON array"),

@@ -165,9 +165,10 @@ def parse_records(records: Iterable[tuple[str, Record]]) -> tuple[RecordFormat |
         if own is not fmt:
             missing = next((f for f in fmt.required if f not in record), None)
             rule = f"the data is {fmt.name} records (from {first}: every record needs {fmt.fields_text})"
-            looks = "" if own is None else f"this record looks like {own.name} data: use one format per file"
+            looks = "" if own is None else f"this record looks like {own.name} data"
             if missing is None:
-                raise DataError(f"{where}: {looks}, but {rule}")
-            raise DataError(f"{where}: missing field {missing!r}; {rule}" + (f"; {looks}" if looks else ""))
+                raise DataError(f"{where}: {looks}, but {rule}; use one format per file")
+            raise DataError(f"{where}: missing field {missing!r}; {rule}" + (f"; {looks}: use one format per file"
+                                                                               if looks else ""))
         rows.append(fmt.parse(record, where))
     return fmt, rows
