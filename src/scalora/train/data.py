@@ -277,12 +277,11 @@ def gsm_examples(size: int, seed: int) -> list[dict[str, Any]]:
     ``#### <answer>``."""
     try:
         import reasoning_gym
-    except ImportError as e:
+    except ImportError:  # first use: install the pinned, verified wheel
         from scalora.train import assets
 
-        raise DataError(
-            "the gsm task needs reasoning-gym: " + assets.missing_message(assets.ASSETS["reasoning-gym"])
-        ) from e
+        assets.ensure("reasoning-gym")
+        import reasoning_gym
     out = []
     for item in reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed):
         answer = str(item["answer"]).strip()

@@ -47,11 +47,11 @@ class ModelAlias:
 
 ALIASES: dict[str, ModelAlias] = {
     "minilm": ModelAlias("minilm", "classification", "all-MiniLM-L6-v2 encoder, 22.7 M parameters"),
-    "smollm2-135m": ModelAlias("smollm2", "causal_lm", "SmolLM2-135M-Instruct (Llama), 134.5 M parameters"),
+    "smollm2-135m": ModelAlias("smollm2-135m", "causal_lm", "SmolLM2-135M-Instruct (Llama), 134.5 M parameters"),
 }
 
 SMOLLM2_EOS = "<|im_end|>"
-_CONVERTED = "hf-fp32"  # folder under <cache>/smollm2 with the de-quantised model and its tokenizer
+_CONVERTED = "hf-fp32"  # folder in the smollm2-135m asset's cache folder: the de-quantised model and tokenizer
 
 
 def _aliases_text() -> str:
@@ -108,11 +108,12 @@ def _from_pretrained(
 
 
 def _smollm2_folder() -> Path:
-    """A plain safetensors copy of SmolLM2, de-quantised from the GGUF asset once (atomically) and reused."""
-    converted = assets.cache_dir() / "smollm2" / _CONVERTED
+    """A plain safetensors copy of SmolLM2, de-quantised from the GGUF asset (fetched on first use) once
+    (atomically) and reused."""
+    converted = assets.folder("smollm2-135m") / _CONVERTED
     if (converted / "config.json").is_file():
         return converted
-    gguf = assets.path("smollm2")
+    gguf = assets.ensure("smollm2-135m")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -145,8 +146,8 @@ def load_model(
     num_labels: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` from an alias (``minilm``, ``smollm2-135m``), a local folder or GGUF file,
-    or a hub name.
+    """Load ``(model, tokenizer)`` from an alias (``minilm``, ``smollm2-135m``: its asset is fetched on first
+    use), a local folder or GGUF file, or a hub name.
 
     ``kind`` picks the head: ``"classification"`` (sequence classification with ``num_labels`` outputs) or
     ``"causal_lm"``. The tokenizer always has a pad token (EOS when it had none).
@@ -158,11 +159,11 @@ def load_model(
     if alias is not None:
         if alias.kind == "classification" and kind == "causal_lm":
             raise ModelLoadError(f"{name} is an encoder with no language-model head; use kind='classification'")
-        if alias.asset == "smollm2":
+        if alias.asset == "smollm2-135m":
             model, tokenizer = _from_pretrained(_smollm2_folder(), kind, num_labels, dtype)
             tokenizer.eos_token = SMOLLM2_EOS
         else:
-            model, tokenizer = _from_pretrained(assets.path(alias.asset), kind, num_labels, dtype)
+            model, tokenizer = _from_pretrained(assets.ensure(alias.asset), kind, num_labels, dtype)
         ensure_pad_token(model, tokenizer)
         return model, tokenizer
 

@@ -542,7 +542,7 @@ class BuiltinTask:
 def _evals_root() -> Path:
     from scalora.train import assets
 
-    return assets.path("evals")
+    return assets.ensure("evals")
 
 
 def _load_sarcasm(train_size: int | None, eval_size: int, seed: int, **_: Any) -> Task:
