@@ -37,6 +37,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
         if not self.layers:
             raise ConfigError("the model has no LoRA layers: add them with scalora.apply_lora(model, "
                               "scalora.LoraConfig(...)) or peft.get_peft_model(model, peft.LoraConfig(...)) first.")
+        _refuse_sharded(model, self.layers)
         inactive = [name for name, layer in self.layers if not layer.active]
         if inactive:
             raise ConfigError(f"the adapter of {inactive[0]!r} is merged into its base weight or disabled; unmerge "
@@ -172,3 +173,23 @@ class OptimizerWrapper(torch.optim.Optimizer):
             if compensation is not None:
                 layer.enable_compensation()
                 layer.base_compensation.copy_(compensation)
+
+
+def _refuse_sharded(model: nn.Module, layers: list[tuple[str, LoraFactors]]) -> None:
+    """Refuse (`ConfigError`) models sharded by FSDP: a fold W0 ← W0 + B A and the solve need whole rows of W0 and B
+    and all of A, which FSDP1's flat parameters and FSDP2's `DTensor` shards do not hold on one rank."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise ConfigError("the model is wrapped in FSDP (FullyShardedDataParallel), whose flat parameters hold no "
+                          "whole LoRA factor or base weight on one rank; ScaLoRA and ReLoRA merge into the base "
+                          "weights and cannot run under it. Train with DistributedDataParallel (the LoRA factors and "
+                          "their optimiser state are small), and shard only if the model does not fit otherwise.")
+    sharded = [name for name, layer in layers if any(isinstance(t, DTensor) for t in (layer.lora_A, layer.weight))]
+    if sharded:
+        raise ConfigError(f"the parameters of {sharded[0]!r} are sharded DTensors (FSDP2's fully_shard or tensor "
+                          f"parallelism), which ScaLoRA and ReLoRA do not support yet. Train with "
+                          f"DistributedDataParallel.")
