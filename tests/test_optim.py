@@ -293,3 +293,46 @@ def test_export_lora_loads_in_peft(tmp_path) -> None:
         expected = model(ids).logits
         peft_model = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "hi").eval()
         assert (peft_model(ids).logits - expected).abs().max() < 1e-3
+
+
+def test_half_precision_folds_work_in_row_chunks(monkeypatch) -> None:
+    """Folds into a bf16 weight in chunks of a few rows write exactly what one whole-matrix fold writes (Kahan and
+    to nearest), and the chunks respect FOLD_CHUNK_BYTES."""
+    from scalora import layers
+
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(48, 4, generator=g) * 1e-3, torch.randn(4, 40, generator=g)
+
+    def folded(chunk_bytes: int, compensate: bool) -> torch.Tensor:
+        monkeypatch.setattr(layers, "FOLD_CHUNK_BYTES", chunk_bytes)
+        model = apply_lora(nn.Sequential(nn.Linear(40, 48, bias=False)), LoraConfig(r=4, target_modules=["0"]))
+        layer = model[0]
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(torch.randn(48, 40, generator=torch.Generator().manual_seed(1)))
+        layer.base_layer.to(torch.bfloat16)
+        if compensate:
+            layer.enable_compensation()
+        for _ in range(5):
+            layer.fold_(B, A)
+        return torch.cat([layer.base_layer.weight.float(), layer.base_compensation.float()]) if compensate \
+            else layer.base_layer.weight.float()
+
+    assert [min(s.stop, 48) - s.start for s in layers.row_chunks(48, 40)] == [48]
+    monkeypatch.setattr(layers, "FOLD_CHUNK_BYTES", 7 * 40 * 4)
+    assert [min(s.stop, 48) - s.start for s in layers.row_chunks(48, 40)] == [7] * 6 + [6]
+    for compensate in (True, False):
+        assert torch.equal(folded(7 * 40 * 4, compensate), folded(2**30, compensate))
+
+
+def test_stochastic_folds_are_reproducible() -> None:
+    """The random numbers of a stochastic fold are seeded by step and layer: two identical bf16 runs are identical
+    (a resumed run draws the same ones), and they really round stochastically (differ from compensate=False)."""
+    def run(compensate: bool | None) -> list[torch.Tensor]:
+        model = apply_lora(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, target_modules="all-linear")).train()
+        opt = ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2), compensate=compensate)
+        _train(model, opt, 3)
+        return [layer.base_layer.weight.detach().clone() for _, layer in lora_layers(model)]
+
+    first, second, nearest = run(None), run(None), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, nearest, strict=True))
