@@ -145,7 +145,7 @@ class ScaLoRA(OptimizerWrapper):
         self.mode = mode
         self.transfer_moments = transfer_moments
         self._identity_total: int | torch.Tensor = 0  # a device tensor once a step ran: read through identity_total
-        self._scalings: dict[tuple[int, ...], torch.Tensor] = {}  # per shape group: the layers' s, on their device
+        self._scalings: dict[tuple, torch.Tensor] = {}  # per shape group and device: the layers' s, on that device
         self.last_stats = ScalingStats()
         if compensate:
             for _, layer in self.layers:
@@ -208,10 +208,11 @@ class ScaLoRA(OptimizerWrapper):
 
     def _scaling(self, indices: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The scales s of the layers `indices` as a float64 tensor on `device`, built once and kept."""
-        if indices not in self._scalings:
-            self._scalings[indices] = torch.tensor([self.layers[i][1].scaling for i in indices], dtype=torch.float64,
-                                                   device=device)
-        return self._scalings[indices]
+        key = (indices, device)
+        if key not in self._scalings:
+            self._scalings[key] = torch.tensor([self.layers[i][1].scaling for i in indices], dtype=torch.float64,
+                                               device=device)
+        return self._scalings[key]
 
     def _solve(self, indices: tuple[int, ...], group_A: dict, group_B: dict) -> Scales:
         """The scales of layers of one shape (and one pair of parameter groups `group_A`, `group_B` of their lora_A
