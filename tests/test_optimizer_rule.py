@@ -173,3 +173,22 @@ def test_rules_and_arguments():
         ScaLoRA(model, torch.optim.AdamW(params), tau=0)
     with pytest.raises(ConfigError, match="'auto'"):
         ScaLoRA(model, torch.optim.AdamW(params), c="big")
+
+
+def test_command_line_defaults_follow_the_rule():
+    from scalora.train.config import TrainConfig
+
+    assert TrainConfig(method="scalora").learning_rate == 2e-3  # its step grows like lr²: LoRA's 5e-4 barely trains
+    assert TrainConfig(method="scalora-i", scalora_rule="paper").learning_rate == 5e-4
+    assert TrainConfig(method="lora").learning_rate == 5e-4
+    assert TrainConfig(method="scalora", lr=1e-3).learning_rate == 1e-3
+
+
+def test_runs_written_before_the_rule_existed_keep_their_fingerprint():
+    """Such a run saved no scalora_rule / scalora_tau; resumed with the paper rule it must match its old identity."""
+    from scalora.train.config import TrainConfig
+
+    old = TrainConfig(method="scalora", scalora_rule="paper", scalora_c=1.0)
+    identity = old.identity()
+    assert "scalora_rule" not in identity and "scalora_tau" not in identity and identity["scalora_c"] == 1.0
+    assert "scalora_rule" in TrainConfig(method="scalora").identity()  # the new default is part of the identity

@@ -77,7 +77,8 @@ FIELD_HELP: dict[str, str] = {
     "lora_dropout": "dropout on the adapters' input, in [0, 1)",
     "target_modules": "layers to adapt: all-linear (every linear layer but the output head), a comma list of module "
                       "names or name suffixes (query,value), or a regex matched against the full module name",
-    "lr": "peak learning rate (default, or 'auto': 5e-5 for full, 5e-4 for every adapter method)",
+    "lr": "peak learning rate (default, or 'auto': 5e-5 for full, 2e-3 for scalora and scalora-i with the "
+          "optimizer rule, 5e-4 for the other adapter methods)",
     "weight_decay": "AdamW weight decay",
     "batch_size": "examples per micro-batch",
     "grad_accum": "micro-batches per optimiser step (the effective batch is batch-size × grad-accum)",

@@ -122,9 +122,15 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
+        """``lr``, else the method's default: 5e-5 for full fine-tuning, 2e-3 for ScaLoRA's optimiser-aware rule (its
+        step grows like the square of the learning rate: at 5e-4 it barely trains, docs/rank_decides.md), 5e-4 else."""
         if self.lr is not None:
             return self.lr
-        return 5e-5 if self.method == "full" else 5e-4
+        if self.method == "full":
+            return 5e-5
+        if self.method in ("scalora", "scalora-i") and self.scalora_rule == "optimizer":
+            return 2e-3
+        return 5e-4
 
     @property
     def interval(self) -> int:
