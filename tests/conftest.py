@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from scalora.train import assets
 from scalora.train.models import char_tokenizer, tiny_model
@@ -67,3 +69,13 @@ def tiny_llama_model():
 def tiny_gpt2_model():
     """(GPT2LMHeadModel, char tokenizer), randomly initialised."""
     return tiny_model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and a busy machine makes two threads much slower than one: modules
+    that train opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,20 +11,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from scalora.cli import main
 from scalora.train import assets
 from scalora.train.models import tiny_model
 from scalora.train.tasks import load_task
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeIndex:

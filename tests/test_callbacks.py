@@ -3,7 +3,6 @@ logs, gradient accumulation, and α-LoRA's schedule."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,16 +19,10 @@ from scalora.rank import snapshot_base_weights, update_ranks
 from scalora.train.callbacks import ALPHA_STATE, AlphaLoRACallback, ScaloraCallback, find_scalora, prepare_trainer
 from scalora.train.models import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 R = 2
 WORDS = ("good nice great", "bad awful poor", "fine happy fun", "sad dull weak")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def examples(tokenizer: Any, n: int, offset: int = 0) -> list[dict[str, Any]]:

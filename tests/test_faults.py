@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tiny import write_jsonl
 from torch import nn
 
 from scalora import LoraConfig, ReLoRA, apply_lora, load_adapter, lora_layers, merge, save_adapter, unmerge
@@ -32,20 +33,9 @@ from scalora.train.config import TrainConfig
 from scalora.train.models import tiny_model
 from scalora.train.runlock import LOCK_NAME
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from scalora.cli import main
 from scalora.train import formats
 from scalora.train.chat import IGNORE_INDEX, encode_chat
 from scalora.train.models import char_tokenizer, tiny_model
 from scalora.train.tasks import ChatTask, DataError, GenerationTask, LanguageModelTask, load_task, task_from_datasets
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
@@ -28,14 +29,6 @@ CONVERSATION = [
     {"role": "user", "content": "ok"},
     {"role": "assistant", "content": "k"},
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def chat_tokenizer():

@@ -11,13 +11,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import scalora
@@ -31,6 +32,8 @@ from scalora.train.loop import TrainingError, train
 from scalora.train.models import load_model, tiny_model
 from scalora.train.tasks import load_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ADAPTER_METHODS = ("lora", "rslora", "alpha-lora")
 MERGED_METHODS = ("full", "scalora", "scalora-i", "relora")
 R = 2
@@ -38,22 +41,8 @@ NEG = ("bad awful poor", "terrible sad dull", "ugly broken wrong", "boring slow 
 POS = ("good nice great", "lovely happy fine", "bright clever right", "fun quick strong")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and a busy machine makes two threads much slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Tiny models and data files, written once per module.
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny import write_jsonl
 
 from scalora.errors import ScaloraError
 from scalora.train import tasks
@@ -27,12 +27,6 @@ from scalora.train.tasks import (
     generate,
     load_task,
 )
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Built-in tasks.

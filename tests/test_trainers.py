@@ -4,7 +4,6 @@ and accelerate. A few steps of a tiny Llama on the CPU each; checkpoints resume 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,10 @@ from scalora import ConfigError, LoraConfig, ScaLoRA, apply_lora, lora_factors, 
 from scalora.train.callbacks import find_scalora, prepare_trainer
 from scalora.train.models import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 4
 TEXTS = [f"the {w} cat sat on mat {i}" for i, w in enumerate(["red", "big", "old", "shy", "odd", "wet"] * 4)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def llama(seed: int = 0) -> tuple[torch.nn.Module, Any]:

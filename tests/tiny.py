@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import torch
 from transformers import (
     BertConfig,
@@ -40,3 +44,9 @@ def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassificati
 def token_batch(vocab_size: int, batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, vocab_size, (batch, length), generator=g)
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    """One JSON value per line."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
