@@ -1,4 +1,4 @@
-"""Tests of the ScaLoRA solver (METHODS §3) against brute-force constructions in float64.
+"""Tests of the ScaLoRA solver (docs/scalora.md) against brute-force constructions in float64.
 
 The brute force builds the out × in matrices the solver avoids: with G = ∂ℓ/∂W and the bilinear loss
 ℓ = ⟨G, s·B·A⟩ (whose autograd gradients are grad_B = s G Aᵀ, grad_A = s Bᵀ G),

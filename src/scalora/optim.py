@@ -1,6 +1,6 @@
 """`ScaLoRA`: wraps any Adam-family optimiser with ScaLoRA's optimally scaled, accumulated low-rank steps.
 
-Before the wrapped optimiser's ordinary step, every `interval` steps and for every LoRA layer (METHODS §3):
+Before the wrapped optimiser's ordinary step, every `interval` steps and for every LoRA layer (docs/scalora.md):
 
 1. solve the optimal column scales α (columns of B) and β (rows of A) from A, B and their gradients
    (`scalora.solver`, batched over layers of one shape);

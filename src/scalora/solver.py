@@ -1,4 +1,4 @@
-"""The ScaLoRA scaling problem (METHODS §3), batched over layers of one shape, in pure torch.
+"""The ScaLoRA scaling problem (docs/scalora.md), batched over layers of one shape, in pure torch.
 
 Notation (PEFT layout). A LoRA layer has ``lora_A`` (r × in), ``lora_B`` (out × r) and scale s, so ΔW = s·B·A.
 With P = B, Q = Aᵀ, g_P = ∂ℓ/∂B and g_Q = (∂ℓ/∂A)ᵀ, ScaLoRA rescales P̃ = P diag(α) (the columns of ``lora_B``) and
@@ -190,7 +190,7 @@ def scaling_system(
 
 
 def objective(H: Tensor, lam: Tensor, v: Tensor) -> Tensor:
-    """vᵀ H v − 2 λᵀ v over the trailing dims (batched): ``s²·(L²·‖G/L − η s²(…)‖² − ‖G‖²)`` of METHODS §3."""
+    """vᵀ H v − 2 λᵀ v over the trailing dims (batched): ``s²·(L²·‖G/L − η s²(…)‖² − ‖G‖²)`` of docs/scalora.md."""
     return (v.unsqueeze(-2) @ H @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1) - 2.0 * (lam * v).sum(-1)
 
 
@@ -457,7 +457,7 @@ def solve_scales(
     eps: float = 1e-6,
     dtype: torch.dtype | None = None,
 ) -> Scales:
-    """ScaLoRA scales for a batch of n LoRA layers of one shape (METHODS §3).
+    """ScaLoRA scales for a batch of n LoRA layers of one shape (docs/scalora.md).
 
     A = lora_A, grad_A: (n, r, in); B = lora_B, grad_B: (n, out, r) (or 2-D, unbatched: then the result is too).
     ``scaling`` is the LoRA scale s, ``c = L·η`` the hyperparameter; either a float or a tensor of n values.
@@ -474,7 +474,7 @@ def solve_scales(
          returns a near-minimum-norm solution in the Jacobi-scaled variables; if that one is not positive the layer
          falls back to step 4 even if another, positive, solution exists.)
       4. Otherwise (or ``mode="scalar"``), scalar scaling: one scale per block on the free indices, the exact
-         2-variable NNLS of EᵀHE, Eᵀλ in closed form: kind SCALAR. Scales may be exactly 0 there (METHODS: a negative
+         2-variable NNLS of EᵀHE, Eᵀλ in closed form: kind SCALAR. Scales may be exactly 0 there (a negative
          unconstrained entry means that scale is 0).
       5. α = sqrt(v[:r] / (c s²)), β = sqrt(v[r:] / (c s²)); degenerate indices 1. Any non-finite result → identity.
 
