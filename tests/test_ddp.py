@@ -154,27 +154,3 @@ def test_torchrun_launch(tmp_path: Path) -> None:
         assert rank0["stats"]["scalora/layers"] == ddp_worker.LORA_LAYERS
         _assert_bitwise_equal(rank0, rank1)
 
-
-@pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])
-def test_fsdp_is_refused_with_a_clear_message(engine, tmp_path) -> None:
-    """FSDP's shards hold no whole factor or base weight on one rank: ScaLoRA and ReLoRA say so and name DDP."""
-    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
-    from torch.nn import Linear, Sequential
-
-    from scalora import ConfigError, LoraConfig, apply_lora
-    from scalora.optim import ScaLoRA
-    from scalora.relora import ReLoRA
-
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        model = apply_lora(Sequential(Linear(8, 8), Linear(8, 4)), LoraConfig(r=2, target_modules=["0", "1"]))
-        if engine == "fsdp1":
-            model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
-        else:
-            fully_shard(model)
-        message = "FullyShardedDataParallel" if engine == "fsdp1" else "sharded DTensors"
-        for wrapper, kwargs in ((ScaLoRA, {}), (ReLoRA, {"reset_every": 2})):
-            with pytest.raises(ConfigError, match=rf"{message}.*DistributedDataParallel"):
-                wrapper(model, torch.optim.AdamW(model.parameters()), **kwargs)
-    finally:
-        dist.destroy_process_group()

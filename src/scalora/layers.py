@@ -18,6 +18,7 @@ from torch import nn
 from scalora.errors import ConfigError
 from scalora.finite import finite_in, require_finite
 from scalora.rounding import stochastic_round
+from scalora.sharded import local
 
 #: size of one float32 temporary of a fold into a half-precision weight: folds work in row chunks of at most this
 #: many bytes and hold at most eight such temporaries at once (≤ 64 MiB whatever the layer's size)
@@ -119,8 +120,9 @@ class LoraLayer(nn.Module):
         and the part lost when it is rounded back to W0's dtype is kept in c (Kahan summation: thousands of tiny
         folds add up, at the cost of a buffer the size of W0). Else, with a `generator`, the sum is rounded
         stochastically (`scalora.rounding.stochastic_round`: exact on average, no buffer); else to nearest.
+        A W0 sharded by FSDP2 is folded on this rank's rows, which B (its local rows too) must match.
         """
-        weight = self.base_weight_oi()
+        weight = local(self.base_weight_oi())
         if weight.dtype == B.dtype and self.base_compensation is None:
             weight.addmm_(B, A)
             return
@@ -154,7 +156,7 @@ class LoraLayer(nn.Module):
                       rows: slice = slice(None)) -> torch.Tensor:
         """The `rows` of what `fold_(B, A)` rounds into W0 (after W0's rows are scaled by `row_scale`), computed at
         float32 or wider: diag(row_scale) W0 + c + B A, with c the fold compensation when kept. Nothing is written."""
-        weight = self.base_weight_oi()[rows]
+        weight = local(self.base_weight_oi())[rows]
         dtype = torch.promote_types(weight.dtype, torch.float32)
         base = (weight if row_scale is None else weight * row_scale[rows, None]).to(dtype)
         if self.base_compensation is not None:
@@ -164,7 +166,7 @@ class LoraLayer(nn.Module):
     def fold_finite(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """A 0-dim bool tensor on W0's device, nothing read back: is a `fold_(B, A)` rounded to nearest finite in
         the weight's dtype? Checked in row chunks (`row_chunks`); `scalora.finite.first_false` reads many at once."""
-        weight = self.base_weight_oi()
+        weight = local(self.base_weight_oi())
         return torch.stack([finite_in(self.folded_weight(B, A, rows=rows), weight.dtype)
                             for rows in row_chunks(*weight.shape)]).all()
 

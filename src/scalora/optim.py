@@ -24,7 +24,8 @@ from scalora.directions import next_direction, scale_invariant
 from scalora.errors import ConfigError
 from scalora.factors import LoraFactors
 from scalora.moments import check_moments, check_transformable, scale_moments
-from scalora.solver import COLUMN, IDENTITY, SCALAR, Scales, optimizer_system, solve_scales, solve_system
+from scalora.sharded import is_sharded, local, local_rows, local_state, sum_partial, whole
+from scalora.solver import COLUMN, IDENTITY, SCALAR, Scales, optimizer_system, scaling_system, solve_system
 from scalora.wrapper import OptimizerWrapper
 
 MODES = ("column", "scalar")
@@ -97,9 +98,13 @@ class ScaLoRA(OptimizerWrapper):
             rounding error kept in a buffer the size of each adapted weight (the exact sum, for twice the weights'
             memory); ``False``: to nearest (tiny folds vanish). ``benchmarks/bf16_drift.py`` measures the three.
 
+    Under FSDP2 (`fully_shard`) each rank solves from its shards (`scalora.sharded`); FSDP1 is refused.
+
     Behaves as a torch optimiser (`param_groups`, `zero_grad`, `state_dict`, LR schedulers, GradScaler,
     ``transformers.Trainer``); `last_stats` tells what the latest scaling step did.
     """
+
+    supports_fsdp2 = True
 
     def __init__(
         self,
@@ -138,6 +143,10 @@ class ScaLoRA(OptimizerWrapper):
         for name, layer in self.layers:
             if layer.alpha_vector is not None:
                 raise ConfigError(f"layer {name!r} has an α vector: ScaLoRA and α-LoRA cannot be combined.")
+            if is_sharded(layer.weight) and (layer.fan_in_fan_out or compensate):
+                what = "a compensation buffer (compensate=True)" if compensate else "a weight stored (in, out)"
+                raise ConfigError(f"layer {name!r} is sharded by FSDP2 and needs {what}, which ScaLoRA supports only "
+                                  f"unsharded: leave compensate unset (stochastic rounding), or train it under DDP.")
         self.interval = interval
         self.rule = rule
         self.c: float | str = c if c == "auto" else float(c)
@@ -218,18 +227,23 @@ class ScaLoRA(OptimizerWrapper):
         """The scales of layers of one shape (and one pair of parameter groups `group_A`, `group_B` of their lora_A
         and lora_B), by the paper's rule or from the wrapped optimiser's next step."""
         layers = [self.layers[i][1] for i in indices]
-        A = torch.stack([layer.lora_A for layer in layers])
-        B = torch.stack([layer.lora_B for layer in layers])
-        grad_A = torch.stack([layer.lora_A.grad for layer in layers])
-        grad_B = torch.stack([layer.lora_B.grad for layer in layers])
+        # under FSDP2, A whole and B's local rows: the system is then this rank's partial sum (`scalora.sharded`)
+        A = torch.stack([whole(layer.lora_A) for layer in layers])
+        B = torch.stack([local(layer.lora_B) for layer in layers])
+        grad_A = torch.stack([whole(layer.lora_A.grad) for layer in layers])
+        grad_B = torch.stack([local(layer.lora_B.grad) for layer in layers])
         scaling = self._scaling(indices, A.device)
         if self.rule == "paper":
-            return solve_scales(A, B, grad_A, grad_B, scaling=scaling, c=self.c, mode=self.mode)
-        # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
-        ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
-        dirs_A = torch.stack([next_direction(self.optimizer, group_A, layer.lora_A) for layer in layers])
-        dirs_B = torch.stack([next_direction(self.optimizer, group_B, layer.lora_B) * ratio for layer in layers])
-        H, lam, second = optimizer_system(A, B, grad_A, grad_B, dirs_A, dirs_B)
+            (H, lam), second = scaling_system(A, B, grad_A, grad_B), None
+        else:
+            # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
+            ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
+            dirs_A = torch.stack([whole(next_direction(self.optimizer, group_A, layer.lora_A)) for layer in layers])
+            dirs_B = torch.stack([local(next_direction(self.optimizer, group_B, layer.lora_B)) * ratio
+                                  for layer in layers])
+            H, lam, second = optimizer_system(A, B, grad_A, grad_B, dirs_A, dirs_B)
+        if is_sharded(layers[0].lora_B):
+            H, lam, second = sum_partial(layers[0].lora_B, H, lam, second)
         return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second,
                             lr=group_A["lr"], tau=self.tau)
 
@@ -245,16 +259,18 @@ class ScaLoRA(OptimizerWrapper):
         if self.transfer_moments:  # before anything changes
             check_moments(self.optimizer.state.get(B, {}))
             check_moments(self.optimizer.state.get(A, {}))
-        piece_B = torch.where(keep, B * (layer.scaling * (1.0 - alpha * beta)).to(B.dtype), 0.0)
-        layer.fold_(piece_B, torch.where(keep, A, 0.0), generator)
+        # under FSDP2 this rank holds some rows of W0, B and A (`scalora.sharded`); A is gathered for the fold
+        rows, B_local = local_rows(A), local(B)
+        piece_B = torch.where(keep, B_local * (layer.scaling * (1.0 - alpha * beta)).to(B.dtype), 0.0)
+        layer.fold_(piece_B, torch.where(keep, whole(A), 0.0), generator)
         alpha_b, beta_a = alpha.to(B.dtype), beta.to(A.dtype)
-        B.mul_(alpha_b)
-        A.mul_(beta_a[:, None])
-        B.grad.mul_(beta_a)  # ∂ℓ/∂B̃ = g_B diag(β)
-        A.grad.mul_(alpha_b[:, None])  # ∂ℓ/∂Ã = diag(α) g_A
+        B_local.mul_(alpha_b)
+        local(A).mul_(beta_a[rows, None])
+        local(B.grad).mul_(beta_a)  # ∂ℓ/∂B̃ = g_B diag(β)
+        local(A.grad).mul_(alpha_b[rows, None])  # ∂ℓ/∂Ã = diag(α) g_A
         if self.transfer_moments:
-            scale_moments(self.optimizer.state.get(B, {}), beta_a)
-            scale_moments(self.optimizer.state.get(A, {}), alpha_b[:, None])
+            scale_moments(local_state(self.optimizer.state.get(B, {})), beta_a)
+            scale_moments(local_state(self.optimizer.state.get(A, {})), alpha_b[rows, None])
 
     def _stats(self, kinds: list[torch.Tensor], alphas: list[torch.Tensor], betas: list[torch.Tensor]) -> ScalingStats:
         """The step's statistics as one device tensor (nothing is read back here)."""

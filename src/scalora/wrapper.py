@@ -30,6 +30,9 @@ BASE_WEIGHTS = "base_weights"
 class OptimizerWrapper(torch.optim.Optimizer):
     """Delegates to `optimizer`; counts optimiser steps in `num_steps` (from 1) and calls the hooks around them."""
 
+    #: the subclass works on FSDP2's sharded parameters (`scalora.sharded`)
+    supports_fsdp2 = False
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if isinstance(optimizer, OptimizerWrapper):
             raise ConfigError(f"the optimiser is already wrapped in {type(optimizer).__name__}.")
@@ -37,7 +40,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
         if not self.layers:
             raise ConfigError("the model has no LoRA layers: add them with scalora.apply_lora(model, "
                               "scalora.LoraConfig(...)) or peft.get_peft_model(model, peft.LoraConfig(...)) first.")
-        _refuse_sharded(model, self.layers)
+        _refuse_sharded(model, self.layers, type(self).supports_fsdp2)
         inactive = [name for name, layer in self.layers if not layer.active]
         if inactive:
             raise ConfigError(f"the adapter of {inactive[0]!r} is merged into its base weight or disabled; unmerge "
@@ -175,9 +178,9 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 layer.base_compensation.copy_(compensation)
 
 
-def _refuse_sharded(model: nn.Module, layers: list[tuple[str, LoraFactors]]) -> None:
-    """Refuse (`ConfigError`) models sharded by FSDP: a fold W0 ← W0 + B A and the solve need whole rows of W0 and B
-    and all of A, which FSDP1's flat parameters and FSDP2's `DTensor` shards do not hold on one rank."""
+def _refuse_sharded(model: nn.Module, layers: list[tuple[str, LoraFactors]], fsdp2: bool) -> None:
+    """Refuse (`ConfigError`) models sharded by FSDP1, whose flat parameters hold no whole row of W0 or B on one rank,
+    and, unless `fsdp2`, models whose LoRA layers are sharded `DTensor`s (FSDP2's fully_shard)."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -189,7 +192,7 @@ def _refuse_sharded(model: nn.Module, layers: list[tuple[str, LoraFactors]]) -> 
                           "weights and cannot run under it. Train with DistributedDataParallel (the LoRA factors and "
                           "their optimiser state are small), and shard only if the model does not fit otherwise.")
     sharded = [name for name, layer in layers if any(isinstance(t, DTensor) for t in (layer.lora_A, layer.weight))]
-    if sharded:
+    if sharded and not fsdp2:
         raise ConfigError(f"the parameters of {sharded[0]!r} are sharded DTensors (FSDP2's fully_shard or tensor "
-                          f"parallelism), which ScaLoRA and ReLoRA do not support yet. Train with "
+                          f"parallelism), which this optimiser wrapper does not support (ScaLoRA does). Train with "
                           f"DistributedDataParallel.")

@@ -1,0 +1,70 @@
+"""ScaLoRA on FSDP2's shards (`torch.distributed.fsdp.fully_shard`): the solve and the fold without gathering W0.
+
+FSDP2 keeps every parameter as a `DTensor` sharded on dim 0: each rank holds some rows of W0 (out × in), of B
+(out × r) and of A (r × in), and of their gradients and optimiser moments. ScaLoRA's system needs r × r Gram products
+only (`scalora.solver.optimizer_system`):
+
+* A is small (r × in), so A, its gradient and its direction are gathered whole;
+* the B-side products BᵀB, Bᵀ U_B, U_Bᵀ U_B and coldot(∂ℓ/∂B, U_B) are sums over the rows of B, so each rank's
+  products over its own rows are partial sums. H, the β block of λ and ‖U_B U_A‖² are linear in them, so the system
+  built from the local rows of B and the whole A is the rank's partial system: summed over the ranks (one
+  all-reduce per group of layers), it is the system of the whole layer. The α block of λ (rowdot over A) is already
+  whole on every rank and is not summed.
+
+Every rank then solves the same system to the same scales, folds s·B_local diag(1 − α⊙β) A into its own rows of W0,
+rescales its rows of B (all r columns) and its rows of A (the β entries of those rows), and transforms the moments
+on their shards. Nothing of size out × in travels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """True for a `DTensor` (a parameter sharded by FSDP2)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def whole(tensor: Tensor) -> Tensor:
+    """The whole tensor (all-gathered from its shards); a plain tensor is returned as it is."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This rank's shard, a plain tensor whose in-place changes are the parameter's; a plain tensor as it is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def local_rows(tensor: Tensor) -> slice:
+    """The rows (dim 0) of the whole `tensor` that this rank's shard holds (FSDP2 shards dim 0 like torch.chunk)."""
+    if not is_sharded(tensor):
+        return slice(None)
+    mesh = tensor.device_mesh
+    per_rank = -(-tensor.shape[0] // mesh.size())
+    start = min(mesh.get_local_rank() * per_rank, tensor.shape[0])
+    return slice(start, start + local(tensor).shape[0])
+
+
+def local_state(state: dict) -> dict:
+    """An optimiser state with every sharded tensor replaced by its local shard (same storage)."""
+    return {key: local(value) if isinstance(value, Tensor) else value for key, value in state.items()}
+
+
+def sum_partial(reference: Tensor, H: Tensor, lam: Tensor, second: Tensor | None) -> tuple[Tensor, Tensor,
+                                                                                           Tensor | None]:
+    """Sum the ranks' partial systems (H, the β block of λ, ‖U_B U_A‖²) over `reference`'s mesh in one all-reduce."""
+    n, m = lam.shape
+    r = m // 2
+    parts = [H.reshape(n, -1), lam[:, r:]] + ([] if second is None else [second.reshape(n, 1)])
+    flat = torch.cat(parts, dim=-1)
+    dist.all_reduce(flat, group=reference.device_mesh.get_group())
+    H = flat[:, :m * m].reshape(n, m, m)
+    lam = torch.cat([lam[:, :r], flat[:, m * m:m * m + r]], dim=-1)
+    return H, lam, None if second is None else flat[:, -1]

@@ -1,0 +1,90 @@
+"""ScaLoRA under FSDP2 (`fully_shard`, gloo, CPU, two ranks) equals one process on the global batch; FSDP1, and
+ReLoRA on FSDP2, are refused with a clear message.
+
+Each rank holds half the rows of every weight, factor and moment: the system is summed from the ranks' partial
+r × r products and every rank folds into its own rows of W0 (`scalora.sharded`). In float64 the only difference from
+one process is the order of the sums (gradients reduce-scattered, Grams all-reduced), ~1e-14 of each tensor's
+largest entry.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import ddp_worker
+import fsdp_worker
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn import Linear, Sequential
+
+from scalora import ConfigError, LoraConfig, apply_lora
+from scalora.optim import ScaLoRA
+from scalora.relora import ReLoRA
+
+WORLD_SIZE = 2
+TOLERANCE = 1e-10  # of the tensor's largest entry, float64
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both ranks' gathered models for every rule, from one torch.multiprocessing.start_processes (forked on Linux,
+    as in tests/test_ddp.py)."""
+    outdir = tmp_path_factory.mktemp("fsdp")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+    mp.start_processes(fsdp_worker.spawn_entry, args=(WORLD_SIZE, port, str(outdir)), nprocs=WORLD_SIZE, join=True,
+                       start_method=start_method)
+    return outdir
+
+
+@pytest.mark.parametrize("rule", list(fsdp_worker.RULES))
+def test_fsdp2_equals_one_process_on_the_global_batch(launched: Path, rule: str) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = fsdp_worker.train_single(rule, WORLD_SIZE)
+    finally:
+        torch.set_num_threads(threads)
+    start = ddp_worker.build_model(torch.float64).state_dict()
+    ranks = [torch.load(fsdp_worker.output_path(launched, rule, rank)) for rank in range(WORLD_SIZE)]
+    assert ranks[0].keys() == ranks[1].keys() == single.keys()
+    folded = 0
+    for name, expected in single.items():
+        for rank, state in enumerate(ranks):
+            diff = float((state[name] - expected).abs().max())
+            assert diff <= TOLERANCE * float(expected.abs().max()), f"{name} on rank {rank}: {diff:.3g}"
+        folded += "base_layer" in name and not torch.equal(expected, start[name])
+    assert folded == ddp_worker.LORA_LAYERS, "ScaLoRA must have folded into every base weight"
+
+
+@pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])
+def test_unsupported_sharding_is_refused_with_a_clear_message(engine: str, tmp_path: Path) -> None:
+    """FSDP1's flat parameters hold no whole row of W0 or B: refused. Under FSDP2 ReLoRA is refused, and so is a
+    ScaLoRA compensation buffer. Every message names what to use instead."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = apply_lora(Sequential(Linear(8, 8), Linear(8, 4)), LoraConfig(r=2, target_modules=["0", "1"]))
+        if engine == "fsdp1":
+            model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+            with pytest.raises(ConfigError, match=r"FullyShardedDataParallel.*DistributedDataParallel"):
+                ScaLoRA(model, torch.optim.AdamW(model.parameters()))
+        else:
+            fully_shard(model)
+            ScaLoRA(model, torch.optim.AdamW(model.parameters()))
+            with pytest.raises(ConfigError, match=r"compensate=True.*stochastic rounding"):
+                ScaLoRA(model, torch.optim.AdamW(model.parameters()), compensate=True)
+        with pytest.raises(ConfigError, match="DistributedDataParallel"):
+            ReLoRA(model, torch.optim.AdamW(model.parameters()), reset_every=2)
+    finally:
+        dist.destroy_process_group()
