@@ -196,10 +196,10 @@ class ScaLoRA(OptimizerWrapper):
         kinds, alphas, betas = [], [], []
         for indices in groups.values():
             layers = [self.layers[i][1] for i in indices]
-            scales = self._solve(tuple(indices), group_of[id(layers[0].lora_A)], group_of[id(layers[0].lora_B)])
+            scales, A = self._solve(tuple(indices), group_of[id(layers[0].lora_A)], group_of[id(layers[0].lora_B)])
             keep = scales.kind != IDENTITY
             for k, (i, layer) in enumerate(zip(indices, layers, strict=True)):
-                self._apply(layer, scales.alpha[k], scales.beta[k], keep[k], self._fold_generator(i))
+                self._apply(layer, A[k], scales.alpha[k], scales.beta[k], keep[k], self._fold_generator(i))
             kinds.append(scales.kind)
             alphas.append(scales.alpha.flatten())
             betas.append(scales.beta.flatten())
@@ -223,9 +223,10 @@ class ScaLoRA(OptimizerWrapper):
                                                device=device)
         return self._scalings[key]
 
-    def _solve(self, indices: tuple[int, ...], group_A: dict, group_B: dict) -> Scales:
+    def _solve(self, indices: tuple[int, ...], group_A: dict, group_B: dict) -> tuple[Scales, torch.Tensor]:
         """The scales of layers of one shape (and one pair of parameter groups `group_A`, `group_B` of their lora_A
-        and lora_B), by the paper's rule or from the wrapped optimiser's next step."""
+        and lora_B), by the paper's rule or from the wrapped optimiser's next step; and their lora_A, stacked whole
+        (gathered under FSDP2), for the folds."""
         layers = [self.layers[i][1] for i in indices]
         # under FSDP2, A whole and B's local rows: the system is then this rank's partial sum (`scalora.sharded`)
         A = torch.stack([whole(layer.lora_A) for layer in layers])
@@ -245,12 +246,12 @@ class ScaLoRA(OptimizerWrapper):
         if is_sharded(layers[0].lora_B):
             H, lam, second = sum_partial(layers[0].lora_B, H, lam, second)
         return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second,
-                            lr=group_A["lr"], tau=self.tau)
+                            lr=group_A["lr"], tau=self.tau), A
 
-    def _apply(self, layer: LoraFactors, alpha: torch.Tensor, beta: torch.Tensor, keep: torch.Tensor,
-               generator: torch.Generator | None) -> None:
+    def _apply(self, layer: LoraFactors, A_whole: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+               keep: torch.Tensor, generator: torch.Generator | None) -> None:
         """Merge s·B diag(1 − α⊙β) A into W0 (rounded stochastically with `generator` when given), then
-        B ← B diag(α), A ← diag(β) A, and their gradients and moments.
+        B ← B diag(α), A ← diag(β) A, and their gradients and moments. `A_whole` is lora_A's value, whole.
 
         Where `keep` (a 0-dim bool tensor) is False the solve was the identity (α = β = 1): the fold adds exact zeros
         (both factors are masked, so a NaN in them cannot reach W0) and every multiplication is by 1.
@@ -259,10 +260,10 @@ class ScaLoRA(OptimizerWrapper):
         if self.transfer_moments:  # before anything changes
             check_moments(self.optimizer.state.get(B, {}))
             check_moments(self.optimizer.state.get(A, {}))
-        # under FSDP2 this rank holds some rows of W0, B and A (`scalora.sharded`); A is gathered for the fold
+        # under FSDP2 this rank holds some rows of W0, B and A (`scalora.sharded`)
         rows, B_local = local_rows(A), local(B)
         piece_B = torch.where(keep, B_local * (layer.scaling * (1.0 - alpha * beta)).to(B.dtype), 0.0)
-        layer.fold_(piece_B, torch.where(keep, whole(A), 0.0), generator)
+        layer.fold_(piece_B, torch.where(keep, A_whole, 0.0), generator)
         alpha_b, beta_a = alpha.to(B.dtype), beta.to(A.dtype)
         B_local.mul_(alpha_b)
         local(A).mul_(beta_a[rows, None])
