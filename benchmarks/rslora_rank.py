@@ -157,9 +157,10 @@ def adapter_grad_probe(cfg: Any, steps: int) -> dict[str, list[float]]:
     import torch
 
     from scalora.model import lora_layers
-    from scalora.train.loop import BatchOrder, train_step
+    from scalora.train.loop import train_step
     from scalora.train.methods import adapt, build
     from scalora.train.models import load_model
+    from scalora.train.order import BatchOrder
     from scalora.train.tasks import load_task
 
     if cfg.method not in METHODS:

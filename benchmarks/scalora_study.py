@@ -65,15 +65,15 @@ if str(_HERE) not in sys.path:  # loaded from a test rather than run as a script
 
 import common  # noqa: E402
 
-METHODS = ("full", "lora", "rslora", "alpha-lora", "relora", "scalora", "scalora-i")
+from scalora.train.registry import METHODS as REGISTRY  # noqa: E402
+
+METHODS = tuple(REGISTRY)
 CORE_METHODS = ("full", "lora", "scalora")
 TASKS = ("sarcasm", "socialiqa", "gsm")
 DEFAULT_OUT = Path("benchmarks/results")
 DEFAULT_WORK = Path("runs/scalora_study")
-LABELS = {"full": "Full FT", "lora": "LoRA", "rslora": "rsLoRA", "alpha-lora": "α-LoRA", "relora": "ReLoRA",
-          "scalora": "ScaLoRA", "scalora-i": "ScaLoRA-I (I=10)"}
-COLORS = {"full": "black", "lora": "tab:blue", "rslora": "tab:cyan", "alpha-lora": "tab:purple",
-          "relora": "tab:brown", "scalora": "tab:red", "scalora-i": "tab:orange"}
+LABELS = {m.name: m.label for m in REGISTRY.values()}
+COLORS = {m.name: m.color for m in REGISTRY.values()}
 
 
 @dataclass(frozen=True)
@@ -911,6 +911,7 @@ def cost_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from scalora.train.config import TrainConfig
     from scalora.train.methods import adapt, build
     from scalora.train.models import load_model
+    from scalora.train.order import BatchOrder
     from scalora.train.tasks import load_task
 
     torch.set_num_threads(spec["threads"])
@@ -919,15 +920,13 @@ def cost_worker(spec: dict[str, Any]) -> dict[str, Any]:
     task = load_task(cfg.task, train_file=cfg.train_file, train_size=cfg.train_size, eval_size=cfg.eval_size,
                      seed=cfg.seed)
     model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels)
-    train_examples, holdout = loop._split_holdout(cfg, task)
+    train_examples, held = REGISTRY[cfg.method].split(cfg, task.train)
     adapt(cfg, model)
-    setup = build(cfg, model)
     collate = task.collate(tokenizer, cfg.max_length)
-    order = loop.BatchOrder(len(train_examples), cfg.batch_size, cfg.seed)
-    hold = loop.BatchOrder(len(holdout), min(cfg.batch_size, len(holdout)), cfg.seed + 1) if holdout else None
+    setup = build(cfg, model, held=held, collate=collate)
+    order = BatchOrder(len(train_examples), cfg.batch_size, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = [collate([train_examples[i] for i in order(k)]) for k in range(cfg.steps)]
-    held = [collate([holdout[i] for i in hold(k)]) for k in range(cfg.steps // cfg.alpha_every + 1)] if hold else []
     model.train()
     gc.collect()
     rss_before = _status_kib("VmRSS")
@@ -941,9 +940,7 @@ def cost_worker(spec: dict[str, Any]) -> dict[str, Any]:
         setup.optimizer.step()
         setup.scheduler.step()
         setup.optimizer.zero_grad(set_to_none=True)
-        if setup.alpha is not None:
-            batch = held[step // cfg.alpha_every]
-            setup.alpha.step(step, lambda batch=batch: model(**batch).loss)
+        setup.hook.after_step(step)
         times.append(time.perf_counter() - t0)
     gc.enable()
     peak = _status_kib("VmHWM")

@@ -17,8 +17,9 @@ from scalora import cli
 from scalora.cli import FIELD_HELP, build_parser, main, parse_target_modules
 from scalora.train import assets
 from scalora.train.compare import error_line, option_flag, to_argv
-from scalora.train.config import METHODS, TrainConfig
+from scalora.train.config import TrainConfig
 from scalora.train.models import tiny_model
+from scalora.train.registry import METHODS
 from scalora.train.tasks import BUILTIN_TASKS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

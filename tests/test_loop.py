@@ -26,16 +26,16 @@ from scalora.errors import ConfigError, ScaloraError
 from scalora.train import checkpoint as ckpt_mod
 from scalora.train import loop, statefile
 from scalora.train.checkpoint import CheckpointError
-from scalora.train.config import METHODS, TrainConfig
+from scalora.train.config import TrainConfig
 from scalora.train.data import DataError
 from scalora.train.loop import TrainingError, train
 from scalora.train.models import load_model, tiny_model
+from scalora.train.registry import METHODS
 from scalora.train.tasks import load_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ADAPTER_METHODS = ("lora", "rslora", "alpha-lora")
-MERGED_METHODS = ("full", "scalora", "scalora-i", "relora")
+ADAPTER_METHODS = tuple(m.name for m in METHODS.values() if m.result == "adapter")
 R = 2
 NEG = ("bad awful poor", "terrible sad dull", "ugly broken wrong", "boring slow weak")
 POS = ("good nice great", "lovely happy fine", "bright clever right", "fun quick strong")
@@ -146,7 +146,7 @@ def check_run(result: loop.RunResult, cfg: TrainConfig, kind: str, captured: dic
 # Every method, end to end.
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_classification(method: str, files: dict[str, Path], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     captured = capture_final_logits(monkeypatch)

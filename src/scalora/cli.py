@@ -23,9 +23,10 @@ from scalora.errors import ConfigError, ScaloraError
 from scalora.optim import RULES
 from scalora.train import assets, report
 from scalora.train.compare import config_from_values, option_flag, parse_list, plan_jobs, run_comparison
-from scalora.train.config import METHODS, SCHEDULES, TrainConfig
+from scalora.train.config import SCHEDULES, TrainConfig
 from scalora.train.demo import rank_demo
 from scalora.train.models import ALIASES
+from scalora.train.registry import METHODS
 from scalora.train.tasks import BUILTIN_TASKS
 
 __all__ = ["FIELD_HELP", "build_parser", "main"]
@@ -33,19 +34,9 @@ __all__ = ["FIELD_HELP", "build_parser", "main"]
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-METHOD_HELP = {
-    "full": "full fine-tuning of every weight",
-    "lora": "LoRA, update scaled by lora_alpha/r",
-    "rslora": "rank-stabilised LoRA, scaled by lora_alpha/sqrt(r)",
-    "alpha-lora": "LoRA with learned α vectors rescaling the frozen weights",
-    "scalora": "ScaLoRA: optimally scaled, accumulated low-rank steps every step",
-    "scalora-i": "ScaLoRA every --scalora-interval steps (10 by default)",
-    "relora": "ReLoRA: merge and restart the adapters periodically",
-}
-
 
 def _methods_text() -> str:
-    return "; ".join(f"{m} ({METHOD_HELP.get(m, m)})" for m in METHODS)
+    return "; ".join(f"{m.name} ({m.help})" for m in METHODS.values())
 
 
 def _aliases_text() -> str:
@@ -128,8 +119,8 @@ _GROUPS: dict[str, tuple[str, ...]] = {
                                        "rank_layers", "output_dir", "resume", "overwrite", "export_rank", "progress",
                                        "tensorboard"),
 }
-_CHOICES: dict[str, Sequence[str]] = {"method": METHODS, "schedule": SCHEDULES, "scalora_mode": ("column", "scalar"),
-                                     "scalora_rule": RULES}
+_CHOICES: dict[str, Sequence[str]] = {"method": tuple(METHODS), "schedule": SCHEDULES,
+                                     "scalora_mode": ("column", "scalar"), "scalora_rule": RULES}
 _EXTRA_FLAGS: dict[str, tuple[str, ...]] = {"r": ("--rank",)}
 _REGEX_CHARS = set("\\^$.|?*+()[]{}")
 

@@ -33,6 +33,7 @@ from scalora.factors import lora_factors
 from scalora.optim import ScaLoRA
 from scalora.rank import effective_rank
 from scalora.save_guard import checkpoint_saves
+from scalora.train.order import BatchOrder
 from scalora.wrapper import OptimizerWrapper
 
 __all__ = ["AlphaLoRACallback", "ScaloraCallback", "find_scalora", "prepare_trainer"]
@@ -236,23 +237,12 @@ class AlphaLoRACallback(_Attachable):
         self.scheduler = scheduler
         self.held_out = held_out
         self.collate_fn = collate_fn or default_data_collator
-        self.batch_size = min(batch_size, len(held_out))
-        self.seed = seed
+        self._order = BatchOrder(len(held_out), min(batch_size, len(held_out)), seed)
         self.last_loss: float | None = None
-        self._epoch, self._perm = -1, []
 
     def batch_indices(self, k: int) -> list[int]:
         """Positions in `held_out` of the k-th α batch (from 0)."""
-        n = len(self.held_out)
-        start = k * self.batch_size
-        out = []
-        for position in range(start, start + self.batch_size):
-            epoch = position // n
-            if epoch != self._epoch:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._epoch, self._perm = epoch, torch.randperm(n, generator=generator).tolist()
-            out.append(self._perm[position % n])
-        return out
+        return self._order(k)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        optimizer: Any = None, **kwargs: Any) -> None:

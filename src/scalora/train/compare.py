@@ -22,8 +22,9 @@ from typing import Any
 
 from scalora.errors import ConfigError, ScaloraError
 from scalora.train import checkpoint, report
-from scalora.train.config import METHODS, TrainConfig
+from scalora.train.config import TrainConfig
 from scalora.train.loop import METRICS
+from scalora.train.registry import METHODS
 
 __all__ = [
     "Comparison",

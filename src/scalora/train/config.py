@@ -11,8 +11,8 @@ from typing import Any
 
 from scalora.errors import ConfigError
 from scalora.optim import DEFAULT_TAU, RULES
+from scalora.train.registry import METHODS
 
-METHODS = ("full", "lora", "rslora", "alpha-lora", "scalora", "scalora-i", "relora")
 SCHEDULES = ("linear", "cosine", "constant")
 INT_MAX = 2**31 - 1  # counts and sizes beyond this are typos (and overflow torch's 32-bit arguments)
 SEED_MAX = 2**32 - 1
@@ -23,7 +23,7 @@ _NOT_IDENTITY = {"output_dir", "resume", "overwrite", "log_every", "eval_every",
 
 @dataclass
 class TrainConfig:
-    """One training run. ``lr=None`` picks the method's default (5e-5 for full fine-tuning, 5e-4 otherwise)."""
+    """One training run. ``lr=None`` picks the method's default (`Method.default_lr`)."""
 
     model: str = "minilm"
     task: str | None = None  # default: "sarcasm", unless train/eval files are given
@@ -122,21 +122,14 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        """``lr``, else the method's default: 5e-5 for full fine-tuning, 2e-3 for ScaLoRA's optimiser-aware rule (its
-        step grows like the square of the learning rate: at 5e-4 it barely trains, docs/rank_decides.md), 5e-4 else."""
-        if self.lr is not None:
-            return self.lr
-        if self.method == "full":
-            return 5e-5
-        if self.method in ("scalora", "scalora-i") and self.scalora_rule == "optimizer":
-            return 2e-3
-        return 5e-4
+        """``lr``, else the method's default (`Method.default_lr`)."""
+        return self.lr if self.lr is not None else METHODS[self.method].default_lr(self.scalora_rule)
 
     @property
     def interval(self) -> int:
         if self.scalora_interval is not None:
             return self.scalora_interval
-        return 10 if self.method == "scalora-i" else 1
+        return METHODS[self.method].interval
 
     @property
     def reset_every(self) -> int:

@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 from scalora.errors import ConfigError, ScaloraError
 from scalora.finite import first_nonfinite
 from scalora.model import lora_layers, merge, trainable_parameters
-from scalora.optim import ScaLoRA
 from scalora.peft_format import atomic_write, save_adapter
 from scalora.rank import effective_rank, effective_weight, export_lora, snapshot_base_weights
 from scalora.train import checkpoint, rundir
 from scalora.train.config import TrainConfig
-from scalora.train.methods import MERGING, adapt, build, tracked_layers
+from scalora.train.methods import Setup, adapt, build, tracked_layers
 from scalora.train.models import load_model
+from scalora.train.order import BatchOrder
+from scalora.train.registry import METHODS
 from scalora.train.rundir import METRICS, SUMMARY, RunFolder
 from scalora.train.runlock import RunLock
 from scalora.train.tasks import Task, load_task
@@ -57,24 +58,6 @@ class RunFolderError(ScaloraError, OSError):
 class RunResult:
     output_dir: Path
     summary: dict[str, Any]
-
-
-class BatchOrder:
-    """Micro-batch k holds examples [k·b, (k+1)·b) of an endless stream of seeded per-epoch permutations."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self._perms: dict[int, list[int]] = {}
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
-        return self._perms[epoch]
-
-    def __call__(self, k: int) -> list[int]:
-        start = k * self.batch_size
-        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
 
 
 def _weight_oi(model: nn.Module, name: str, fan_in_fan_out: bool) -> torch.Tensor:
@@ -166,27 +149,17 @@ def _check_output(cfg: TrainConfig, out: Path) -> None:
                            f"over, or choose another --output-dir.")
 
 
-def _split_holdout(cfg: TrainConfig, task: Task) -> tuple[list[dict], list[dict]]:
-    """α-LoRA trains its vectors on a held-out slice of the training data (the last `alpha_holdout` examples)."""
-    if cfg.method != "alpha-lora":
-        return task.train, []
-    if len(task.train) < cfg.alpha_holdout + cfg.batch_size:
-        raise ConfigError(f"alpha-lora holds out {cfg.alpha_holdout} training examples for its α vectors, but the "
-                          f"task has only {len(task.train)}; lower --alpha-holdout or use more data.")
-    return task.train[: -cfg.alpha_holdout], task.train[-cfg.alpha_holdout:]
-
-
 def _save_result(cfg: TrainConfig, run: RunFolder, model: nn.Module, tokenizer: Any,
                  pretrained: dict[str, torch.Tensor] | None) -> dict[str, str]:
-    """Adapter (lora, rslora, alpha-lora) or merged model (full, scalora*, relora), plus the rank-k export, written
-    into the run's current folder; returns where each will be once the run is in its final folder."""
+    """The method's result (`Method.result`: adapter, or merged model), plus the rank-k export, written into the
+    run's current folder; returns where each will be once the run is in its final folder."""
     saved: dict[str, str] = {}
     if pretrained is not None and cfg.export_rank is not None:
         name = f"adapter-rank{cfg.export_rank}"
         report = export_lora(model, pretrained, cfg.export_rank, run.current / name, base_model_name_or_path=cfg.model)
         saved["export"] = str(run.final / name)
         saved["export_max_residual"] = f"{report.max_residual:.4g}"
-    if cfg.method in ("lora", "rslora", "alpha-lora"):
+    if METHODS[cfg.method].result == "adapter":
         save_adapter(model, run.current / "adapter")
         saved["adapter"] = str(run.final / "adapter")
         return saved
@@ -274,7 +247,8 @@ def check_max_length(max_length: int, model: nn.Module) -> None:
 
 def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult:
     """`train` inside the locked folder."""
-    if cfg.export_rank is not None and cfg.method == "full":
+    method = METHODS[cfg.method]
+    if cfg.export_rank is not None and not method.adapters:
         raise ConfigError("--export-rank needs an adapter method (it compresses the update of the adapted layers).")
     _check_output(cfg, out)
     torch.manual_seed(cfg.seed)
@@ -285,13 +259,14 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
     if task.kind == "classification" and task.label_names:  # so the saved model names its predictions
         model.config.id2label = dict(enumerate(task.label_names))
         model.config.label2id = {name: i for i, name in enumerate(task.label_names)}
-    train_examples, holdout = _split_holdout(cfg, task)
+    train_examples, held = method.split(cfg, task.train)
     tracker = RankTracker(model, tracked_layers(cfg, model))
     adapt(cfg, model)
     _check_model_fits(cfg, model)
     pretrained = snapshot_base_weights(model) if cfg.export_rank is not None else None
-    setup = build(cfg, model)
-    frozen_changes = cfg.method in MERGING or cfg.method == "full"  # checkpoints then carry every weight
+    collate = task.collate(tokenizer, cfg.max_length)
+    setup = build(cfg, model, held=held, collate=collate)
+    frozen_changes = method.changes_base  # checkpoints then carry every weight
     start, elapsed = 0, 0.0
     if cfg.resume:
         start, elapsed = _resume(cfg, out, model, setup, frozen_changes)
@@ -304,9 +279,7 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
                           step=start if cfg.resume else None)
     with _reported(run):
         metrics = MetricsLog(run, keep_until=start if cfg.resume else None, tensorboard=cfg.tensorboard, log=log)
-        collate = task.collate(tokenizer, cfg.max_length)
         order = BatchOrder(len(train_examples), cfg.batch_size, cfg.seed)
-        holdout_order = BatchOrder(len(holdout), min(cfg.batch_size, len(holdout)), cfg.seed + 1) if holdout else None
         trainable_params = [p for p in model.parameters() if p.requires_grad]
         step_times: list[float] = []
         last_eval: dict[str, float] = {}
@@ -314,8 +287,8 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
         def save_checkpoint(step: int) -> None:
             state = {"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
                      "rng": checkpoint.rng_state(), "elapsed": elapsed}
-            if setup.alpha is not None:
-                state["alpha"] = setup.alpha.state_dict()
+            if setup.hook.key is not None:
+                state[setup.hook.key] = setup.hook.state_dict()
             tensors = checkpoint.mutable_state(model, frozen_changes)
             bad = first_nonfinite(tensors.items())
             if bad is not None:  # keep the last good checkpoint rather than one that cannot be resumed
@@ -342,19 +315,14 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
                 setup.optimizer.step()
                 setup.scheduler.step()
                 setup.optimizer.zero_grad(set_to_none=True)
-                row: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-                if setup.alpha is not None:
-                    held = collate([holdout[i] for i in holdout_order(step // cfg.alpha_every)])
-                    alpha_loss = setup.alpha.step(step, lambda held=held: model(**held).loss)
-                    if alpha_loss is not None:
-                        row["alpha/heldout_loss"] = alpha_loss
+                row: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                       **setup.hook.after_step(step)}
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 step_times.append(dt)
                 row["step_time"] = dt
                 row["examples_per_s"] = cfg.batch_size * cfg.grad_accum / dt
-                if isinstance(setup.optimizer, ScaLoRA) and setup.optimizer.last_stats.step == step:
-                    row.update(setup.optimizer.last_stats.as_dict())
+                row.update(setup.hook.stats(step))
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                     last_eval = _evaluate(cfg, task, model, tokenizer)
                     row.update(last_eval)
@@ -410,7 +378,7 @@ def _reported(run: RunFolder) -> Iterator[None]:
         raise
 
 
-def _resume(cfg: TrainConfig, out: Path, model: nn.Module, setup: Any, frozen_changes: bool) -> tuple[int, float]:
+def _resume(cfg: TrainConfig, out: Path, model: nn.Module, setup: Setup, frozen_changes: bool) -> tuple[int, float]:
     """Load the checkpoint into the model, optimiser, schedules and random generators: (step, elapsed seconds)."""
     ckpt = checkpoint.load(out, cfg)
     state = model.state_dict()
@@ -430,8 +398,8 @@ def _resume(cfg: TrainConfig, out: Path, model: nn.Module, setup: Any, frozen_ch
         model.load_state_dict(ckpt.model, strict=False)
         setup.optimizer.load_state_dict(ckpt.state["optimizer"])
         setup.scheduler.load_state_dict(ckpt.state["scheduler"])
-        if setup.alpha is not None:
-            setup.alpha.load_state_dict(ckpt.state["alpha"])
+        if setup.hook.key is not None:
+            setup.hook.load_state_dict(ckpt.state[setup.hook.key])
         checkpoint.set_rng_state(ckpt.state["rng"])
         elapsed = float(ckpt.state.get("elapsed", 0.0))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
