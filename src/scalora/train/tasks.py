@@ -531,12 +531,13 @@ class ChatTask(LanguageModelTask):
 
 @dataclass(frozen=True)
 class BuiltinTask:
-    """A task that needs no files: its loader and default sizes."""
+    """A task that needs no files: its loader, default sizes and the offline asset it reads (`assets.ASSETS`)."""
 
     description: str
     train_size: int | None  # None: every example not used for evaluation
     eval_size: int
     loader: Callable[..., Task] = field(repr=False)
+    asset: str | None = None
 
 
 def _evals_root() -> Path:
@@ -577,24 +578,12 @@ def _load_gsm(train_size: int | None, eval_size: int, seed: int, max_new_tokens:
 
 
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
-    "sarcasm": BuiltinTask(
-        "sarcastic news headlines, binary classification (28 498 unique headlines, evals asset)",
-        2000,
-        500,
-        _load_sarcasm,
-    ),
-    "socialiqa": BuiltinTask(
-        "Social IQa, 3-way multiple choice scored by log-likelihood (2 224 questions, evals asset)",
-        None,
-        500,
-        _load_socialiqa,
-    ),
-    "gsm": BuiltinTask(
-        "GSM8K-style maths word problems from reasoning-gym, greedy generation, exact match of the final number",
-        1000,
-        100,
-        _load_gsm,
-    ),
+    "sarcasm": BuiltinTask("sarcastic news headlines, binary classification (28 498 unique headlines, evals asset)",
+                           2000, 500, _load_sarcasm, "evals"),
+    "socialiqa": BuiltinTask("Social IQa, 3-way multiple choice scored by log-likelihood (2 224 questions, "
+                             "evals asset)", None, 500, _load_socialiqa, "evals"),
+    "gsm": BuiltinTask("GSM8K-style maths word problems from reasoning-gym, greedy generation, exact match of the "
+                       "final number", 1000, 100, _load_gsm, "reasoning-gym"),
 }
 
 
