@@ -7,7 +7,6 @@ one that was never interrupted.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -19,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +31,22 @@ from scalora.errors import ConfigError, ScaloraError
 from scalora.finite import first_nonfinite
 from scalora.model import lora_layers, merge, trainable_parameters
 from scalora.peft_format import atomic_write, save_adapter
-from scalora.rank import effective_rank, effective_weight, export_lora, snapshot_base_weights
+from scalora.rank import export_lora, snapshot_base_weights
 from scalora.train import checkpoint, rundir
 from scalora.train.config import TrainConfig
+from scalora.train.hooks import Collate
 from scalora.train.methods import Setup, adapt, build, tracked_layers
+from scalora.train.metrics_log import MetricsLog
 from scalora.train.models import load_model
 from scalora.train.order import BatchOrder
+from scalora.train.rank_tracker import RankTracker
 from scalora.train.registry import METHODS
 from scalora.train.rundir import METRICS, SUMMARY, RunFolder
 from scalora.train.runlock import RunLock
 from scalora.train.tasks import Task, load_task
+
+__all__ = ["METRICS", "SUMMARY", "RunFolderError", "RunResult", "TrainingError", "check_max_length", "train",
+           "train_step"]
 
 _LOWER_LR = "lower --lr (or --scalora-c for ScaLoRA) and start over with --overwrite."
 
@@ -58,88 +63,6 @@ class RunFolderError(ScaloraError, OSError):
 class RunResult:
     output_dir: Path
     summary: dict[str, Any]
-
-
-def _weight_oi(model: nn.Module, name: str, fan_in_fan_out: bool) -> torch.Tensor:
-    module = model.get_submodule(name)
-    if hasattr(module, "lora_A"):
-        return effective_weight(module)
-    weight = module.weight.detach().double()
-    return weight.t() if fan_in_fan_out else weight
-
-
-class RankTracker:
-    """Effective rank of the accumulated update W − W_pretrained on a few layers, for any method."""
-
-    def __init__(self, model: nn.Module, layers: list[tuple[str, bool]]) -> None:
-        self.layers = layers
-        self.start = {name: _weight_oi(model, name, fi).clone() for name, fi in layers}
-
-    def measure(self, model: nn.Module) -> dict[str, float]:
-        if not self.layers:
-            return {}
-        infos = [effective_rank(_weight_oi(model, name, fi) - self.start[name]) for name, fi in self.layers]
-        return {"rank/mean": statistics.fmean(i.rank for i in infos),
-                "rank/max": float(max(i.rank for i in infos)),
-                "rank/entropy_mean": statistics.fmean(i.entropy_rank for i in infos)}
-
-
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line) in the run's current folder, plus TensorBoard when installed.
-
-    On resume the rows up to the checkpoint's step are kept; a last line that a crash left half written is dropped
-    and reported through `log`.
-    """
-
-    def __init__(self, run: RunFolder, keep_until: int | None, tensorboard: bool,
-                 log: Callable[[str], None]) -> None:
-        self.run = run
-        self.rows = [] if keep_until is None else [
-            r for r in _read_rows(run.current / METRICS, log) if r.get("step", 0) <= keep_until]
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in self.rows)))
-        self.writer = None
-        if tensorboard and importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run.current / "tensorboard"))
-
-    @property
-    def path(self) -> Path:
-        return self.run.current / METRICS
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _read_rows(path: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """The rows of a metrics file; a torn last line is dropped (and reported), a bad line before it is an error."""
-    if not path.exists():
-        return []
-    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").split("\n"), start=1) if line.strip()]
-    rows = []
-    for n, line in lines:
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        elif n == lines[-1][0]:
-            log(f"{path}: dropped line {n}, which a crash left half written")
-        else:
-            raise checkpoint.CheckpointError(f"{path} line {n} is not a JSON object; the file is corrupt: delete "
-                                             f"that line (or the file) and resume again.")
-    return rows
 
 
 def _check_output(cfg: TrainConfig, out: Path) -> None:
@@ -245,8 +168,66 @@ def check_max_length(max_length: int, model: nn.Module) -> None:
                           f"--max-length {limit} or less.")
 
 
+@dataclass
+class _Training:
+    """What a run steps, evaluates and saves (`_set_up`), and its clock."""
+
+    cfg: TrainConfig
+    task: Task
+    model: nn.Module
+    tokenizer: Any
+    examples: list[dict[str, Any]]  # what it trains on (a method may hold some out)
+    collate: Collate
+    setup: Setup
+    tracker: RankTracker
+    pretrained: dict[str, torch.Tensor] | None  # the base weights, for --export-rank
+    params: list[nn.Parameter]  # the weights the gradient clipping sees
+    order: BatchOrder
+    elapsed: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
 def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult:
-    """`train` inside the locked folder."""
+    """`train` inside the locked folder: set up, resume, step (saving checkpoints), finish."""
+    t = _set_up(cfg, out)
+    start = 0
+    if cfg.resume:
+        start, t.elapsed = _resume(cfg, out, t.model, t.setup)
+        log(f"resumed from step {start}")
+    trainable, total = trainable_parameters(t.model)
+    log(f"{t.task.summary()}")
+    log(f"{cfg.method}: trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
+
+    run = RunFolder.start(out, replace=not cfg.resume and bool(rundir.outputs(out)),
+                          step=start if cfg.resume else None)
+    with _reported(run):
+        metrics = MetricsLog(run, keep_until=start if cfg.resume else None, tensorboard=cfg.tensorboard, log=log)
+        t.model.train()
+        bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                row = _step(t, step)
+                if step % cfg.log_every == 0 or len(row) > 6:
+                    metrics.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", ex_s=f"{row['examples_per_s']:.1f}")
+                bar.update(1)
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                    _save_checkpoint(t, run, step)
+        finally:
+            bar.close()
+            metrics.close()
+        if start == cfg.steps:  # nothing left to run: evaluate the resumed weights for the report
+            t.last_eval = _evaluate(cfg, t.task, t.model, t.tokenizer)
+        summary = _finish(t, run, metrics.rows, {"trainable_params": trainable, "total_params": total})
+    log(f"{cfg.method}: {t.task.metric} {summary['eval']:.4f}, final train loss {summary['final_train_loss']:.4f}, "
+        f"{t.elapsed:.1f} s; results in {out}")
+    return RunResult(out, summary)
+
+
+def _set_up(cfg: TrainConfig, out: Path) -> _Training:
+    """Check the options, then seed, load the task and model, adapt it and build the method's optimiser (in the
+    order that fixes the random stream)."""
     method = METHODS[cfg.method]
     if cfg.export_rank is not None and not method.adapters:
         raise ConfigError("--export-rank needs an adapter method (it compresses the update of the adapted layers).")
@@ -259,106 +240,86 @@ def _train(cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> RunResult
     if task.kind == "classification" and task.label_names:  # so the saved model names its predictions
         model.config.id2label = dict(enumerate(task.label_names))
         model.config.label2id = {name: i for i, name in enumerate(task.label_names)}
-    train_examples, held = method.split(cfg, task.train)
+    examples, held = method.split(cfg, task.train)
     tracker = RankTracker(model, tracked_layers(cfg, model))
     adapt(cfg, model)
     _check_model_fits(cfg, model)
     pretrained = snapshot_base_weights(model) if cfg.export_rank is not None else None
     collate = task.collate(tokenizer, cfg.max_length)
     setup = build(cfg, model, held=held, collate=collate)
-    frozen_changes = method.changes_base  # checkpoints then carry every weight
-    start, elapsed = 0, 0.0
-    if cfg.resume:
-        start, elapsed = _resume(cfg, out, model, setup, frozen_changes)
-        log(f"resumed from step {start}")
-    trainable, total = trainable_parameters(model)
-    log(f"{task.summary()}")
-    log(f"{cfg.method}: trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
+    return _Training(cfg, task, model, tokenizer, examples, collate, setup, tracker, pretrained,
+                     [p for p in model.parameters() if p.requires_grad],
+                     BatchOrder(len(examples), cfg.batch_size, cfg.seed))
 
-    run = RunFolder.start(out, replace=not cfg.resume and bool(rundir.outputs(out)),
-                          step=start if cfg.resume else None)
-    with _reported(run):
-        metrics = MetricsLog(run, keep_until=start if cfg.resume else None, tensorboard=cfg.tensorboard, log=log)
-        order = BatchOrder(len(train_examples), cfg.batch_size, cfg.seed)
-        trainable_params = [p for p in model.parameters() if p.requires_grad]
-        step_times: list[float] = []
-        last_eval: dict[str, float] = {}
 
-        def save_checkpoint(step: int) -> None:
-            state = {"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
-                     "rng": checkpoint.rng_state(), "elapsed": elapsed}
-            if setup.hook.key is not None:
-                state[setup.hook.key] = setup.hook.state_dict()
-            tensors = checkpoint.mutable_state(model, frozen_changes)
-            bad = first_nonfinite(tensors.items())
-            if bad is not None:  # keep the last good checkpoint rather than one that cannot be resumed
-                raise TrainingError(f"{bad} became NaN or infinite by step {step}; {_LOWER_LR}")
-            checkpoint.save(run.current, cfg, step, tensors, state)
-            run.step = step
-            if step < cfg.steps:  # the last step's checkpoint replaces an earlier run only with the results
-                run.promote()
+def _step(t: _Training, step: int) -> dict[str, Any]:
+    """Optimiser step `step` (from 1): its micro-batches, clipping, the method's hook and, when due, an evaluation;
+    returns its metrics row."""
+    cfg, setup = t.cfg, t.setup
+    t0 = time.perf_counter()
+    ks = range((step - 1) * cfg.grad_accum, step * cfg.grad_accum)
+    loss = train_step(t.model, [t.collate([t.examples[i] for i in t.order(k)]) for k in ks])
+    grad_norm = float("nan")
+    if cfg.max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(t.params, cfg.max_grad_norm))
+        if not math.isfinite(grad_norm):  # clipping would turn the weights into NaN
+            raise TrainingError(f"the gradient became NaN or infinite at step {step}; {_LOWER_LR}")
+    lr = setup.scheduler.get_last_lr()[0]
+    setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    row: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           **setup.hook.after_step(step)}
+    dt = time.perf_counter() - t0
+    t.elapsed += dt
+    t.step_times.append(dt)
+    row["step_time"] = dt
+    row["examples_per_s"] = cfg.batch_size * cfg.grad_accum / dt
+    row.update(setup.hook.stats(step))
+    if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        t.last_eval = _evaluate(cfg, t.task, t.model, t.tokenizer)
+        row.update(t.last_eval)
+        row.update(t.tracker.measure(t.model))
+        t.model.train()
+    return row
 
-        model.train()
-        bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
-        try:
-            for step in range(start + 1, cfg.steps + 1):
-                t0 = time.perf_counter()
-                ks = range((step - 1) * cfg.grad_accum, step * cfg.grad_accum)
-                batches = [collate([train_examples[i] for i in order(k)]) for k in ks]
-                loss = train_step(model, batches)
-                grad_norm = float("nan")
-                if cfg.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm))
-                    if not math.isfinite(grad_norm):  # clipping would turn the weights into NaN
-                        raise TrainingError(f"the gradient became NaN or infinite at step {step}; {_LOWER_LR}")
-                lr = setup.scheduler.get_last_lr()[0]
-                setup.optimizer.step()
-                setup.scheduler.step()
-                setup.optimizer.zero_grad(set_to_none=True)
-                row: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                       **setup.hook.after_step(step)}
-                dt = time.perf_counter() - t0
-                elapsed += dt
-                step_times.append(dt)
-                row["step_time"] = dt
-                row["examples_per_s"] = cfg.batch_size * cfg.grad_accum / dt
-                row.update(setup.hook.stats(step))
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                    last_eval = _evaluate(cfg, task, model, tokenizer)
-                    row.update(last_eval)
-                    row.update(tracker.measure(model))
-                    model.train()
-                if step % cfg.log_every == 0 or len(row) > 6:
-                    metrics.write(row)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{row['examples_per_s']:.1f}")
-                bar.update(1)
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                    save_checkpoint(step)
-        finally:
-            bar.close()
-            metrics.close()
 
-        if start == cfg.steps:  # nothing left to run: evaluate the resumed weights for the report
-            last_eval = _evaluate(cfg, task, model, tokenizer)
-        rank = tracker.measure(model)
-        results = _save_result(cfg, run, model, tokenizer, pretrained)
-        losses = [r["loss"] for r in metrics.rows if "loss" in r]
-        timed = step_times[2:] if len(step_times) > 4 else step_times
-        summary = {
-            "method": cfg.method, "model": cfg.model, "task": task.name, "steps": cfg.steps, "seed": cfg.seed,
-            "metric": task.metric, "eval": last_eval.get(f"eval/{task.metric}", math.nan),
-            "label_names": task.label_names, "data": task.data,
-            "final_train_loss": statistics.fmean(losses[-10:]) if losses else math.nan,
-            "wall_time_s": elapsed, "median_step_s": statistics.median(timed) if timed else math.nan,
-            "peak_rss_mib": _peak_rss_mib(),
-            "trainable_params": trainable, "total_params": total, **rank, "saved": results, "config": cfg.to_dict(),
-        }
-        text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
-        atomic_write(run.current / SUMMARY, lambda tmp: Path(tmp).write_text(text))
+def _save_checkpoint(t: _Training, run: RunFolder, step: int) -> None:
+    """The weights that changed and the training state, after step `step`; durable once the run is promoted."""
+    setup = t.setup
+    state = {"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
+             "rng": checkpoint.rng_state(), "elapsed": t.elapsed}
+    if setup.hook.key is not None:
+        state[setup.hook.key] = setup.hook.state_dict()
+    tensors = checkpoint.mutable_state(t.model, METHODS[t.cfg.method].changes_base)
+    bad = first_nonfinite(tensors.items())
+    if bad is not None:  # keep the last good checkpoint rather than one that cannot be resumed
+        raise TrainingError(f"{bad} became NaN or infinite by step {step}; {_LOWER_LR}")
+    checkpoint.save(run.current, t.cfg, step, tensors, state)
+    run.step = step
+    if step < t.cfg.steps:  # the last step's checkpoint replaces an earlier run only with the results
         run.promote()
-        log(f"{cfg.method}: {task.metric} {summary['eval']:.4f}, final train loss {summary['final_train_loss']:.4f}, "
-            f"{elapsed:.1f} s; results in {out}")
-        return RunResult(out, summary)
+
+
+def _finish(t: _Training, run: RunFolder, rows: list[dict[str, Any]], sizes: dict[str, int]) -> dict[str, Any]:
+    """Save the result and write summary.json; the run then takes its final folder. Returns the summary."""
+    cfg, task = t.cfg, t.task
+    rank = t.tracker.measure(t.model)
+    results = _save_result(cfg, run, t.model, t.tokenizer, t.pretrained)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    timed = t.step_times[2:] if len(t.step_times) > 4 else t.step_times
+    summary = {
+        "method": cfg.method, "model": cfg.model, "task": task.name, "steps": cfg.steps, "seed": cfg.seed,
+        "metric": task.metric, "eval": t.last_eval.get(f"eval/{task.metric}", math.nan),
+        "label_names": task.label_names, "data": task.data,
+        "final_train_loss": statistics.fmean(losses[-10:]) if losses else math.nan,
+        "wall_time_s": t.elapsed, "median_step_s": statistics.median(timed) if timed else math.nan,
+        "peak_rss_mib": _peak_rss_mib(), **sizes, **rank, "saved": results, "config": cfg.to_dict(),
+    }
+    text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write(run.current / SUMMARY, lambda tmp: Path(tmp).write_text(text))
+    run.promote()
+    return summary
 
 
 @contextmanager
@@ -378,14 +339,14 @@ def _reported(run: RunFolder) -> Iterator[None]:
         raise
 
 
-def _resume(cfg: TrainConfig, out: Path, model: nn.Module, setup: Setup, frozen_changes: bool) -> tuple[int, float]:
+def _resume(cfg: TrainConfig, out: Path, model: nn.Module, setup: Setup) -> tuple[int, float]:
     """Load the checkpoint into the model, optimiser, schedules and random generators: (step, elapsed seconds)."""
     ckpt = checkpoint.load(out, cfg)
     state = model.state_dict()
     unexpected = set(ckpt.model) - set(state)
     if unexpected:
         raise checkpoint.CheckpointError(f"the checkpoint has weights this model lacks: {sorted(unexpected)[0]!r}.")
-    missing = set(checkpoint.mutable_state(model, frozen_changes)) - set(ckpt.model)
+    missing = set(checkpoint.mutable_state(model, METHODS[cfg.method].changes_base)) - set(ckpt.model)
     if missing:
         raise checkpoint.CheckpointError(f"the checkpoint lacks weights this run trains: {sorted(missing)[0]!r} "
                                          f"({len(missing)} in all); it cannot be resumed exactly.")
