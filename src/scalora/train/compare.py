@@ -7,7 +7,6 @@ the others down; the failure is reported in the table with its error line. The r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shlex
@@ -35,12 +34,8 @@ __all__ = [
     "plan_jobs",
     "run_comparison",
     "to_argv",
-    "write_report",
 ]
 
-MARKDOWN = "comparison.md"
-JSON = "comparison.json"
-PLOTS = {"train_loss": "train_loss.png", "eval_metric": "eval_metric.png", "effective_rank": "effective_rank.png"}
 LOG = "train.log"
 _FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -348,190 +343,5 @@ def run_comparison(jobs: Sequence[Job], output_dir: Path, *, resume: bool = Fals
             if outcome.status == "interrupted":  # stopped from outside (e.g. SIGINT to the run alone): stop too
                 raise KeyboardInterrupt
     comparison = Comparison(output_dir, outcomes)
-    write_report(comparison, command=command)
+    report.write_report(comparison, command=command)
     return comparison
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The report.
-
-_COLUMNS = (  # (summary key, header, digits, unit)
-    ("eval", None, 4, ""),
-    ("final_train_loss", "final train loss", 4, ""),
-    ("wall_time_s", "wall time (s)", 1, ""),
-    ("median_step_s", "median step (s)", 3, ""),
-    ("peak_rss_mib", "peak memory (MiB)", 0, ""),
-    ("trainable_params", "trainable params", 0, ""),
-    ("rank/mean", "effective rank (mean)", 2, ""),
-)
-
-
-def _by_method(outcomes: Sequence[Outcome]) -> dict[str, list[Outcome]]:
-    groups: dict[str, list[Outcome]] = {}
-    for o in outcomes:
-        groups.setdefault(o.job.method, []).append(o)
-    return groups
-
-
-def _cell(values: list[float], digits: int, several: bool) -> str:
-    mean, std = report.mean_std(values)
-    if math.isnan(mean):
-        return "-"
-    if digits == 0 and std == 0:
-        return f"{mean:,.0f}"
-    text = f"{mean:,.{digits}f}"
-    return f"{text} ± {std:,.{digits}f}" if several else text
-
-
-def aggregate(comparison: Comparison) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
-    """Headers and rows of the comparison table (mean ± std over seeds), and the same as data."""
-    groups = _by_method(comparison.outcomes)
-    metric = next((o.summary["metric"] for o in comparison.outcomes if o.ok and o.summary), "metric")
-    several = any(len(g) > 1 for g in groups.values())
-    headers = ["method"] + [h or f"eval {metric}" for _, h, _, _ in _COLUMNS]
-    rows, data = [], []
-    notes_needed = False
-    for method, group in groups.items():
-        ok = [o for o in group if o.ok and o.summary is not None]
-        entry: dict[str, Any] = {"method": method, "seeds": [o.job.seed for o in group], "ok": len(ok),
-                                 "failed": len(group) - len(ok), "mean": {}, "std": {}}
-        row = [method]
-        for key, _, digits, _ in _COLUMNS:
-            values = [float(o.summary[key]) for o in ok if isinstance(o.summary.get(key), (int, float))]
-            mean, std = report.mean_std(values)
-            entry["mean"][key], entry["std"][key] = mean, std
-            row.append(_cell(values, digits, several))
-        note = ""
-        if not ok:
-            first = group[0]
-            note = f"{first.status}: {first.error}"
-            row[1] = first.status
-        elif len(ok) < len(group):
-            bad = [o for o in group if not o.ok]
-            note = f"{len(bad)} of {len(group)} seeds {bad[0].status}: {bad[0].error}"
-        entry["note"] = note or None
-        notes_needed = notes_needed or bool(note)
-        rows.append(row + [note])
-        data.append(entry)
-    if notes_needed:
-        headers.append("notes")
-    else:
-        rows = [r[:-1] for r in rows]
-    return headers, rows, data
-
-
-def _mean_series(runs: list[report.Series]) -> tuple[report.Series, report.Series, report.Series]:
-    """Mean, mean − std and mean + std at the steps every run has."""
-    runs = [r for r in runs if r]
-    if not runs:
-        return [], [], []
-    steps = sorted(set.intersection(*(set(x for x, _ in r) for r in runs)))
-    lookup = [dict(r) for r in runs]
-    mean, lower, upper = [], [], []
-    for s in steps:
-        m, sd = report.mean_std([d[s] for d in lookup])
-        mean.append((s, m))
-        lower.append((s, m - sd))
-        upper.append((s, m + sd))
-    return mean, lower, upper
-
-
-def _smooth(points: report.Series, window: int) -> report.Series:
-    if not points:
-        return []
-    xs, ys = zip(*points, strict=True)
-    return list(zip(xs, report.running_mean(ys, window), strict=True))
-
-
-def write_plots(comparison: Comparison) -> dict[str, Path]:
-    """train_loss.png (running mean), eval_metric.png and effective_rank.png: one line per method."""
-    groups = _by_method(comparison.outcomes)
-    first = next((o for o in comparison.outcomes if o.summary), None)
-    metric = first.summary["metric"] if first and first.summary else None
-    steps = max((o.job.config.steps for o in comparison.outcomes), default=1)
-    window = max(1, min(50, steps // 15))
-    metrics = {id(o): report.read_metrics(o.job.output_dir) for o in comparison.outcomes}
-    if metric is None:  # every run failed: take the metric name from any evaluation row
-        keys = (k for rows in metrics.values() for r in rows for k in r if k.startswith("eval/"))
-        metric = next((k.removeprefix("eval/") for k in keys), "metric")
-
-    def lines(key: str, smooth: int = 1) -> tuple[dict[str, report.Series], dict[str, tuple]]:
-        out, bands = {}, {}
-        for method, group in groups.items():
-            label = method if any(o.ok for o in group) else f"{method} ({group[0].status})"
-            runs = [_smooth(report.series(metrics[id(o)], key), smooth) for o in group]
-            mean, lower, upper = _mean_series(runs)
-            out[label] = mean
-            if len(group) > 1:
-                bands[label] = (lower, upper)
-        return out, bands
-
-    seeds = max(len(g) for g in groups.values()) if groups else 1
-    over = f", mean over {seeds} seeds" if seeds > 1 else ""
-    task = first.summary.get("task") if first and first.summary else first.job.config.task if first else None
-    where = f" ({task})" if task else ""
-    files = {}
-    loss, loss_bands = lines("loss", window)
-    files["train_loss"] = report.plot_lines(
-        loss, comparison.output_dir / PLOTS["train_loss"], ylabel="train loss", logy=False, bands=loss_bands,
-        title=f"training loss{where}" + (f", running mean of {window} steps" if window > 1 else "") + over)
-    ev, ev_bands = lines(f"eval/{metric}")
-    files["eval_metric"] = report.plot_lines(
-        ev, comparison.output_dir / PLOTS["eval_metric"], title=f"eval {metric}{where}{over}", ylabel=metric,
-        logy=False, bands=ev_bands, markers=True)
-    rk, rk_bands = lines("rank/mean")
-    files["effective_rank"] = report.plot_lines(
-        rk, comparison.output_dir / PLOTS["effective_rank"],
-        title=f"effective rank of the accumulated update (mean over tracked layers){over}",
-        ylabel="effective rank", bands=rk_bands, markers=True)
-    return files
-
-
-def write_report(comparison: Comparison, *, command: str | None = None) -> Comparison:
-    """Write comparison.md, comparison.json and the plots; fills ``comparison.table`` and ``.files``."""
-    out = comparison.output_dir
-    headers, rows, data = aggregate(comparison)
-    comparison.table = report.markdown_table(headers, rows)
-    plots = write_plots(comparison)
-    first = next((o for o in comparison.outcomes if o.summary), None)
-    cfg = comparison.outcomes[0].job.config if comparison.outcomes else None
-    seeds = sorted({o.job.seed for o in comparison.outcomes})
-    settings = []
-    if cfg is not None:
-        data_name = first.summary.get("task") if first and first.summary else (cfg.task or cfg.train_file)
-        settings = [f"model `{cfg.model}`", f"task `{data_name}`", f"{cfg.steps} steps",
-                    f"batch {cfg.batch_size}×{cfg.grad_accum}", f"r {cfg.r}", f"lora_alpha {cfg.lora_alpha:g}",
-                    f"max length {cfg.max_length}", "seed " + ", ".join(map(str, seeds))]
-    md = ["# Method comparison", ""]
-    if settings:
-        md += ["Same data, seed and step budget for every method: " + ", ".join(settings) + ".", ""]
-    md += [comparison.table, ""]
-    if len(seeds) > 1:
-        md += [f"Mean ± standard deviation over {len(seeds)} seeds.", ""]
-    md += ["Wall time and median step time are training time (evaluation excluded); peak memory is the resident set "
-           "of each run's own process.", ""]
-    md += [f"![{name}]({path.name})" for name, path in plots.items()]
-    if command:
-        md += ["", "Command:", "", "```", command, "```"]
-    (out / MARKDOWN).write_text("\n".join(md) + "\n")
-    runs = []
-    for o in comparison.outcomes:
-        summary = dict(o.summary) if o.summary else None
-        runs.append({"method": o.job.method, "seed": o.job.seed, "status": o.status, "error": o.error,
-                     "returncode": o.returncode, "output_dir": str(o.job.output_dir), "summary": summary})
-    payload = {"command": command, "methods": data, "runs": runs, "table": comparison.table,
-               "plots": {k: str(v) for k, v in plots.items()}}
-    (out / JSON).write_text(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
-    comparison.files = {"markdown": out / MARKDOWN, "json": out / JSON, **plots}
-    return comparison
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities replaced by None, so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
