@@ -336,3 +336,24 @@ def test_stochastic_folds_are_reproducible() -> None:
     first, second, nearest = run(None), run(None), run(False)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, nearest, strict=True))
+
+
+def test_a_fold_that_would_overflow_an_fp16_base_leaves_it_unchanged_and_names_the_layer() -> None:
+    torch.manual_seed(0)
+    model = apply_lora(nn.Sequential(nn.Linear(6, 5).half()), LoraConfig(r=2, target_modules=["0"],
+                                                                         init_lora_weights=False))
+    layer = model[0]
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(60000.0)  # near fp16's largest value: any positive fold overflows
+        layer.lora_B.fill_(1000.0)  # s·B·A = 8 000 per entry: handing it to W0 overflows
+        layer.lora_A.fill_(1.0)
+    opt = ScaLoRA(model, torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2), rule="paper", c=1e6)
+    model(torch.full((3, 6), 1e-3, dtype=torch.float16)).float().square().mean().backward()
+    before = layer.base_layer.weight.detach().clone()
+    factors = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+    stats = opt.rescale()
+    assert torch.equal(layer.base_layer.weight, before)  # untouched, no inf
+    assert torch.equal(layer.lora_A, factors[0]) and torch.equal(layer.lora_B, factors[1])
+    with pytest.warns(RuntimeWarning, match="'0'.*overflow"):
+        assert stats.refused == 1.0
+    assert torch.isfinite(layer.base_layer.weight).all()

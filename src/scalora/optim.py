@@ -14,6 +14,7 @@ With α = β = 1 this is exactly LoRA; over many steps the merged residuals add 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -36,23 +37,28 @@ DEFAULT_TAU = 0.3
 
 #: the statistics of a scaling step, after `step` and `layers`, and their values before any layer was solved
 _STAT_FIELDS = {"column": 0.0, "scalar": 0.0, "identity": 0.0, "alpha_mean": 1.0, "alpha_std": 0.0,
-                "beta_mean": 1.0, "beta_std": 0.0}
+                "beta_mean": 1.0, "beta_std": 0.0, "refused": 0.0}
 
 
 class ScalingStats:
     """What a scaling step did: fractions of `layers` solved by column / scalar / identity scaling, and the mean and
     spread (population standard deviation) of α and β over all their entries.
 
+    ``refused`` is the fraction of layers whose fold would have overflowed their fp16 base weight: those were left
+    untouched for the step (and named in a warning when the statistics are read).
+
     `step` and `layers` are known on the host. The other fields (``column``, ``scalar``, ``identity``,
-    ``alpha_mean``, ``alpha_std``, ``beta_mean``, ``beta_std``) stay on the device as one tensor until one of them,
-    or `as_dict`, is read: that read is the step's only host–device synchronisation, and a step whose statistics
-    nobody reads makes none.
+    ``alpha_mean``, ``alpha_std``, ``beta_mean``, ``beta_std``, ``refused``) stay on the device as one tensor until
+    one of them, or `as_dict`, is read: that read is the step's only host–device synchronisation, and a step whose
+    statistics nobody reads makes none.
     """
 
-    def __init__(self, step: int = 0, layers: int = 0, values: torch.Tensor | None = None) -> None:
+    def __init__(self, step: int = 0, layers: int = 0, values: torch.Tensor | None = None,
+                 refused: list[tuple[str, torch.Tensor]] | None = None) -> None:
         self.step = step
         self.layers = layers
-        self._values = values  # (7,) in the order of _STAT_FIELDS; None: nothing solved
+        self._values = values  # (8,) in the order of _STAT_FIELDS; None: nothing solved
+        self._refused = refused or []  # (layer name, 0-dim bool "its fold was refused") of the fp16 layers
         self._host: dict[str, float] | None = None
 
     def __getattr__(self, name: str) -> float:
@@ -64,6 +70,11 @@ class ScalingStats:
         if self._host is None:
             values = _STAT_FIELDS.values() if self._values is None else self._values.tolist()
             self._host = dict(zip(_STAT_FIELDS, values, strict=True))
+            if self._host["refused"] > 0:
+                names = [repr(name) for name, flag in self._refused if bool(flag)]
+                warnings.warn(f"ScaLoRA step {self.step}: the fold into the fp16 base weight of {', '.join(names)} "
+                              f"would overflow (inf), so those layers were left unchanged for this step. Lower the "
+                              f"learning rate, or keep the base in bf16 / fp32.", RuntimeWarning, stacklevel=3)
         return self._host
 
     def as_dict(self, prefix: str = "scalora/") -> dict[str, float]:
@@ -194,16 +205,19 @@ class ScaLoRA(OptimizerWrapper):
             key = (tuple(A.shape), tuple(B.shape), A.dtype, A.device, id(group_of[id(A)]), id(group_of[id(B)]))
             groups[key].append(i)
         kinds, alphas, betas = [], [], []
+        refused: list[tuple[str, torch.Tensor]] = []
         for indices in groups.values():
             layers = [self.layers[i][1] for i in indices]
             scales, A = self._solve(tuple(indices), group_of[id(layers[0].lora_A)], group_of[id(layers[0].lora_B)])
             keep = scales.kind != IDENTITY
             for k, (i, layer) in enumerate(zip(indices, layers, strict=True)):
-                self._apply(layer, A[k], scales.alpha[k], scales.beta[k], keep[k], self._fold_generator(i))
+                flag = self._apply(layer, A[k], scales.alpha[k], scales.beta[k], keep[k], self._fold_generator(i))
+                if flag is not None:
+                    refused.append((self.layers[i][0], flag))
             kinds.append(scales.kind)
             alphas.append(scales.alpha.flatten())
             betas.append(scales.beta.flatten())
-        self.last_stats = self._stats(kinds, alphas, betas)
+        self.last_stats = self._stats(kinds, alphas, betas, refused)
         return self.last_stats
 
     def _fold_generator(self, index: int) -> torch.Generator | None:
@@ -249,12 +263,14 @@ class ScaLoRA(OptimizerWrapper):
                             lr=group_A["lr"], tau=self.tau), A
 
     def _apply(self, layer: LoraFactors, A_whole: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-               keep: torch.Tensor, generator: torch.Generator | None) -> None:
+               keep: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
         """Merge s·B diag(1 − α⊙β) A into W0 (rounded stochastically with `generator` when given), then
         B ← B diag(α), A ← diag(β) A, and their gradients and moments. `A_whole` is lora_A's value, whole.
 
         Where `keep` (a 0-dim bool tensor) is False the solve was the identity (α = β = 1): the fold adds exact zeros
-        (both factors are masked, so a NaN in them cannot reach W0) and every multiplication is by 1.
+        (both factors are masked, so a NaN in them cannot reach W0) and every multiplication is by 1. An fp16 base
+        weight is checked first: a fold that would overflow it makes the layer the identity for this step, and the
+        returned 0-dim bool (None for other dtypes) says so, on the device.
         """
         A, B = layer.lora_A, layer.lora_B
         if self.transfer_moments:  # before anything changes
@@ -263,7 +279,14 @@ class ScaLoRA(OptimizerWrapper):
         # under FSDP2 this rank holds some rows of W0, B and A (`scalora.sharded`)
         rows, B_local = local_rows(A), local(B)
         piece_B = torch.where(keep, B_local * (layer.scaling * (1.0 - alpha * beta)).to(B.dtype), 0.0)
-        layer.fold_(piece_B, torch.where(keep, A_whole, 0.0), generator)
+        piece_A = torch.where(keep, A_whole, 0.0)
+        refused = None
+        if layer.weight.dtype == torch.float16:  # bf16 and fp32 share fp32's range: a finite fold cannot overflow
+            refused = ~layer.fold_finite(piece_B, piece_A)
+            keep = keep & ~refused
+            alpha, beta = torch.where(keep, alpha, 1.0), torch.where(keep, beta, 1.0)
+            piece_B, piece_A = torch.where(keep, piece_B, 0.0), torch.where(keep, piece_A, 0.0)
+        layer.fold_(piece_B, piece_A, generator)
         alpha_b, beta_a = alpha.to(B.dtype), beta.to(A.dtype)
         B_local.mul_(alpha_b)
         local(A).mul_(beta_a[rows, None])
@@ -272,18 +295,21 @@ class ScaLoRA(OptimizerWrapper):
         if self.transfer_moments:
             scale_moments(local_state(self.optimizer.state.get(B, {})), beta_a)
             scale_moments(local_state(self.optimizer.state.get(A, {})), alpha_b[rows, None])
+        return refused
 
-    def _stats(self, kinds: list[torch.Tensor], alphas: list[torch.Tensor], betas: list[torch.Tensor]) -> ScalingStats:
+    def _stats(self, kinds: list[torch.Tensor], alphas: list[torch.Tensor], betas: list[torch.Tensor],
+               refused: list[tuple[str, torch.Tensor]]) -> ScalingStats:
         """The step's statistics as one device tensor (nothing is read back here)."""
         if not kinds:
             return ScalingStats(step=self.num_steps)
         kind = torch.cat(kinds)
         alpha, beta = torch.cat(alphas).double(), torch.cat(betas).double()
         self._identity_total = self._identity_total + (kind == IDENTITY).sum()
+        n_refused = torch.stack([flag for _, flag in refused]).sum() if refused else kind.new_zeros(())
         values = torch.stack([(kind == COLUMN).double().mean(), (kind == SCALAR).double().mean(),
                               (kind == IDENTITY).double().mean(), alpha.mean(), alpha.std(unbiased=False),
-                              beta.mean(), beta.std(unbiased=False)])
-        return ScalingStats(step=self.num_steps, layers=kind.numel(), values=values)
+                              beta.mean(), beta.std(unbiased=False), n_refused.double() / kind.numel()])
+        return ScalingStats(step=self.num_steps, layers=kind.numel(), values=values, refused=refused)
 
     # ------------------------------------------------------------------ checkpoints
     def settings(self) -> dict[str, Any]:
