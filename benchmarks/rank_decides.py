@@ -30,7 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from scalora.optim import ScaLoRA  # noqa: E402
+from scalora.relora import ReLoRA  # noqa: E402
 from scalora.train.planted import PlantedMethod, train_planted  # noqa: E402
+from scalora.wrapper import OptimizerWrapper  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,7 +45,7 @@ class Method:
     name: str
     label: str
     r: int
-    wrapper: str = "none"  # "none", "scalora", "relora"
+    wrapper: type[OptimizerWrapper] | None = None  # ScaLoRA, ReLoRA, or None for plain AdamW
     options: tuple[tuple[str, object], ...] = ()  # ScaLoRA's keyword arguments
 
 
@@ -51,11 +54,11 @@ METHODS = (
     Method("lora-r4", "LoRA r=4", 4),
     Method("lora-r16", "LoRA r=16", 16),
     Method("lora-r64", "LoRA r=64", 64),
-    Method("relora", "ReLoRA r=4", 4, "relora"),
-    Method("scalora", "ScaLoRA r=4 (defaults)", 4, "scalora"),
-    Method("scalora-i", "ScaLoRA-I r=4 (defaults, I=10)", 4, "scalora", (("interval", 10),)),
-    Method("scalora-paper", "ScaLoRA r=4 (paper rule, c=1)", 4, "scalora", (("rule", "paper"),)),
-    Method("scalora-paper-i", "ScaLoRA-I r=4 (paper rule, c=1, I=10)", 4, "scalora",
+    Method("relora", "ReLoRA r=4", 4, ReLoRA),
+    Method("scalora", "ScaLoRA r=4 (defaults)", 4, ScaLoRA),
+    Method("scalora-i", "ScaLoRA-I r=4 (defaults, I=10)", 4, ScaLoRA, (("interval", 10),)),
+    Method("scalora-paper", "ScaLoRA r=4 (paper rule, c=1)", 4, ScaLoRA, (("rule", "paper"),)),
+    Method("scalora-paper-i", "ScaLoRA-I r=4 (paper rule, c=1, I=10)", 4, ScaLoRA,
            (("rule", "paper"), ("interval", 10))),
 )
 BY_NAME = {m.name: m for m in METHODS}
@@ -76,6 +79,8 @@ class Size:
 SIZES = {
     "small": Size(steps=600, eval_every=50, lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), tune_seeds=(0,),
                   report_seeds=(2, 3), taus=(0.1, 0.3, 1.0), reset_every=50),
+    "micro": Size(steps=20, eval_every=10, lrs=(1e-3, 3e-3, 1e-2), tune_seeds=(0,), report_seeds=(1,), taus=(0.3,),
+                  reset_every=10),  # seconds, for the smoke test
     "full": Size(steps=2000, eval_every=100, lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), tune_seeds=(0, 1),
                  report_seeds=(2, 3, 4, 5, 6), taus=(0.03, 0.1, 0.3, 1.0, 3.0), reset_every=200),
 }
@@ -90,7 +95,7 @@ def train(method_name: str, lr: float, seed: int, size_name: str, tau: float | N
     common.set_threads(1)
     size, method = SIZES[size_name], BY_NAME[method_name]
     options = dict(method.options)
-    if method.wrapper == "relora":
+    if method.wrapper is ReLoRA:
         options["reset_every"] = size.reset_every
     if tau is not None:
         options["tau"] = tau
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         if tau_runs else {},
         "runs": [{k: v for k, v in r.items()} for r in report],
     }
-    stem = "rank_decides" if args.size == "full" else "rank_decides_small"
+    stem = "rank_decides" if args.size == "full" else f"rank_decides_{args.size}"
     common.save_json(args.out / f"{stem}.json", result)
     (args.out / f"{stem}.md").write_text(markdown(result))
     plot(result, report, args.out / f"{stem}.png")

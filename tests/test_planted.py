@@ -6,6 +6,8 @@ import json
 
 import torch
 
+from scalora.optim import ScaLoRA
+from scalora.relora import ReLoRA
 from scalora.train.demo import rank_demo
 from scalora.train.planted import PlantedMethod, pretrained_mlp, teacher_of, train_planted
 
@@ -21,7 +23,7 @@ def test_teacher_is_a_full_rank_change_of_the_student():
 def test_lora_stays_at_rank_r_while_scalora_and_full_fine_tuning_do_not():
     ranks = {}
     for name, method in {"full": PlantedMethod(0), "lora": PlantedMethod(4),
-                         "scalora": PlantedMethod(4, "scalora")}.items():
+                         "scalora": PlantedMethod(4, ScaLoRA)}.items():
         curve = train_planted(method, 3e-3, seed=0, steps=40, eval_every=20)
         assert curve[0]["loss"] == 1.0 and [row["step"] for row in curve] == [0, 20, 40]
         assert curve[-1]["loss"] < 1.0, name
@@ -31,7 +33,7 @@ def test_lora_stays_at_rank_r_while_scalora_and_full_fine_tuning_do_not():
 
 
 def test_relora_method_takes_its_options():
-    curve = train_planted(PlantedMethod(4, "relora", {"reset_every": 10}), 3e-3, seed=1, steps=30, eval_every=30)
+    curve = train_planted(PlantedMethod(4, ReLoRA, {"reset_every": 10}), 3e-3, seed=1, steps=30, eval_every=30)
     assert curve[-1]["rank"] > 4  # three merges of rank 4
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from scalora.optim import ScaLoRA
 from scalora.train.planted import PlantedMethod, train_planted
 
 #: (label, method, learning rate): the tuned learning rates of benchmarks/rank_decides.py
 RUNS = (
     ("full fine-tuning", PlantedMethod(0), 1e-3),
     ("LoRA r=4", PlantedMethod(4), 3e-3),
-    ("ScaLoRA r=4", PlantedMethod(4, "scalora"), 3e-3),
+    ("ScaLoRA r=4", PlantedMethod(4, ScaLoRA), 3e-3),
 )
 
 

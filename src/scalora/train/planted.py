@@ -20,9 +20,8 @@ from torch import nn
 
 from scalora.config import LoraConfig
 from scalora.model import apply_lora
-from scalora.optim import ScaLoRA
 from scalora.rank import accumulated_updates, effective_rank, snapshot_base_weights
-from scalora.relora import ReLoRA
+from scalora.wrapper import OptimizerWrapper
 
 WIDTHS = (64, 256, 256, 64)
 PERTURBATION = 0.3
@@ -35,7 +34,7 @@ class PlantedMethod:
     """How one run adapts and optimises the student: rank (0 = full fine-tuning), optimiser wrapper and its options."""
 
     r: int
-    wrapper: str = "none"  # "none", "scalora" or "relora"
+    wrapper: type[OptimizerWrapper] | None = None  # e.g. ScaLoRA or ReLoRA; None: plain AdamW
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,11 +68,7 @@ def _optimizer(method: PlantedMethod, model: nn.Module, lr: float) -> torch.opti
     targets = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
     apply_lora(model, LoraConfig(r=method.r, lora_alpha=2 * method.r, target_modules=targets))
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    if method.wrapper == "scalora":
-        return ScaLoRA(model, inner, **method.options)
-    if method.wrapper == "relora":
-        return ReLoRA(model, inner, **method.options)
-    return inner
+    return inner if method.wrapper is None else method.wrapper(model, inner, **method.options)
 
 
 def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int) -> list[dict[str, float]]:
