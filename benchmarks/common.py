@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-METRICS = "metrics.jsonl"
+from scalora.train.report import finished_summary, read_metrics
+from scalora.train.rundir import METRICS
 
 
 def set_threads(n: int) -> None:
@@ -126,26 +127,11 @@ def run_config(cfg: Any, *, log: Callable[[str], None] | None = None, reuse: boo
 
 def finished_run(cfg: Any) -> dict[str, Any] | None:
     """The finished run of `cfg` in its output folder (same config fingerprint), or None."""
-    from scalora.errors import ScaloraError
-    from scalora.train.config import TrainConfig
-
     out = Path(cfg.output_dir)
-    path = out / "summary.json"
-    if not path.is_file() or not (out / METRICS).is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-        if TrainConfig.from_dict(summary["config"]).fingerprint() != cfg.fingerprint():
-            return None
-    except (ValueError, KeyError, TypeError, ScaloraError):
+    summary = finished_summary(out, cfg) if (out / METRICS).is_file() else None
+    if summary is None:
         return None
     return {"summary": summary, "metrics": read_metrics(out), "output_dir": str(out), "wall_s": None, "reused": True}
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of ``<run_dir>/metrics.jsonl`` (one dict per logged step)."""
-    path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def column(rows: Iterable[dict[str, Any]], key: str, *, first: int | None = None,

@@ -65,7 +65,9 @@ if str(_HERE) not in sys.path:  # loaded from a test rather than run as a script
 
 import common  # noqa: E402
 
+from scalora.train import report  # noqa: E402
 from scalora.train.registry import METHODS as REGISTRY  # noqa: E402
+from scalora.train.report import mean_std  # noqa: E402
 
 METHODS = tuple(REGISTRY)
 CORE_METHODS = ("full", "lora", "scalora")
@@ -221,22 +223,11 @@ def make_config(task: str, size: TaskSize, variant: str, overrides: dict[str, An
     return TrainConfig.from_dict(cfg).to_dict()  # validated, with every default filled in
 
 
-def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    from scalora.train.config import TrainConfig
-
-    return TrainConfig.from_dict(cfg).identity()
-
-
 def finished_summary(run: Run) -> dict[str, Any] | None:
     """The run's summary when it finished with the same configuration (else None: it must be (re)run)."""
-    path = run.folder / "summary.json"
-    if not path.exists():
-        return None
-    with contextlib.suppress(ValueError, TypeError, KeyError):
-        summary = json.loads(path.read_text())
-        if _identity(summary["config"]) == _identity(run.cfg):
-            return summary
-    return None
+    from scalora.train.config import TrainConfig
+
+    return report.finished_summary(run.folder, TrainConfig.from_dict(run.cfg))
 
 
 def run_in_process(cfg: dict[str, Any], threads: int | None) -> dict[str, Any]:
@@ -384,11 +375,6 @@ def run_all(runs: list[Run], args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def read_metrics(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def curves_of(rows: list[dict[str, Any]], metric: str) -> dict[str, list[float]]:
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if f"eval/{metric}" in r]
@@ -437,13 +423,6 @@ def final_loss(losses: Sequence[float], window: int) -> float:
     return statistics.fmean(losses[-window:])
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def fmt_ms(mean: float, std: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
     if not math.isfinite(mean):
         return "—"
@@ -457,7 +436,7 @@ def assemble(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
     window = args.window
     done = [r for r in runs if r.summary is not None]
     for run in done:
-        rows = read_metrics(run.folder)
+        rows = report.read_metrics(run.folder)
         run.curves = curves_of(rows, run.summary["metric"])
     by: dict[tuple[str, str], list[Run]] = {}
     for run in done:

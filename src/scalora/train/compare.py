@@ -159,18 +159,6 @@ def plan_jobs(methods: Sequence[str], seeds: Sequence[int], values: dict[str, An
     return jobs
 
 
-def _finished(job: Job) -> dict[str, Any] | None:
-    """The summary of an earlier run of exactly this job's computation, if one finished."""
-    summary = report.read_summary(job.output_dir)
-    if summary is None or not isinstance(summary.get("config"), dict):
-        return None
-    try:
-        earlier = TrainConfig.from_dict(summary["config"])
-    except (ScaloraError, TypeError):
-        return None
-    return summary if earlier.identity() == job.config.identity() else None
-
-
 def error_line(log: str, returncode: int) -> str:
     """The line that says why a run failed: its ``error:`` line, else the exception of a traceback."""
     lines = [line.strip() for line in log.replace("\r", "\n").splitlines() if line.strip()]
@@ -320,7 +308,7 @@ def run_comparison(jobs: Sequence[Job], output_dir: Path, *, resume: bool = Fals
     outcomes: list[Outcome] = []
     for i, job in enumerate(jobs, start=1):
         if resume:
-            summary = _finished(job)
+            summary = report.finished_summary(job.output_dir, job.config)
             if summary is not None:
                 log(f"[{i}/{len(jobs)}] {job.label}: already finished in {job.output_dir}, reusing it")
                 outcomes.append(Outcome(job, "reused", summary, returncode=0))

@@ -13,12 +13,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scalora.errors import ScaloraError
+from scalora.train.config import TrainConfig
 from scalora.train.loop import METRICS, SUMMARY
 
 if TYPE_CHECKING:
     from scalora.train.compare import Comparison, Outcome
 
 __all__ = [
+    "finished_summary",
     "format_summary",
     "markdown_table",
     "mean_std",
@@ -65,6 +68,18 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def finished_summary(run_dir: str | Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The summary of a run in ``run_dir`` that finished exactly `cfg`'s computation (same identity), else None."""
+    summary = read_summary(run_dir)
+    if summary is None or not isinstance(summary.get("config"), dict):
+        return None
+    try:
+        earlier = TrainConfig.from_dict(summary["config"])
+    except (ScaloraError, TypeError, ValueError):
+        return None
+    return summary if earlier.identity() == cfg.identity() else None
 
 
 def series(rows: Iterable[dict[str, Any]], key: str) -> Series:
