@@ -7,38 +7,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM
+
+from scalora.train.models import tiny_network
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
+    """GPT-2 over 97 tokens and 64 positions (BOS = EOS = 0)."""
+    return tiny_network("gpt2", 97, positions=64, seed=seed, bos_token_id=0, eos_token_id=0)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """Llama over 101 tokens and 64 positions (BOS 0, EOS = pad = 1)."""
+    return tiny_network("llama", 101, positions=64, seed=seed, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
 def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=103, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, num_labels=num_labels,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    """BERT classifier over 103 tokens and 64 positions."""
+    return tiny_network("bert", 103, num_labels=num_labels, positions=64, seed=seed)
 
 
 def token_batch(vocab_size: int, batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:

@@ -26,6 +26,7 @@ __all__ = [
     "ensure_pad_token",
     "load_model",
     "tiny_model",
+    "tiny_network",
 ]
 
 ModelKind = Literal["classification", "causal_lm"]
@@ -230,19 +231,27 @@ def char_tokenizer(chars: str = _CHARS) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_model(
+#: position-embedding sizes of the tiny models `tiny_model` builds
+_TINY_POSITIONS = {"bert": 512, "llama": 1024, "gpt2": 1024}
+
+
+def tiny_network(
     arch: TinyArch,
-    tokenizer: PreTrainedTokenizerBase | None = None,
+    vocab_size: int,
     *,
     num_labels: int = 2,
     hidden: int = 32,
     layers: int = 2,
+    positions: int | None = None,
     seed: int = 0,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A small randomly initialised model and a tokenizer (``char_tokenizer()`` by default).
+    **token_ids: int | None,
+) -> PreTrainedModel:
+    """A small randomly initialised model (in eval mode) without a tokenizer: 4 heads, MLPs twice as wide as
+    `hidden` (GPT-2: its default four times), `positions` position embeddings (per architecture by default).
 
     ``bert`` gives a ``BertForSequenceClassification`` with ``num_labels``; ``llama`` a ``LlamaForCausalLM``;
-    ``gpt2`` a ``GPT2LMHeadModel`` (whose layers are ``Conv1D``).
+    ``gpt2`` a ``GPT2LMHeadModel`` (whose layers are ``Conv1D``). `token_ids` (``pad_token_id``,
+    ``bos_token_id``, ``eos_token_id``) go to the model's config.
     """
     from transformers import (
         BertConfig,
@@ -253,50 +262,42 @@ def tiny_model(
         LlamaForCausalLM,
     )
 
-    tokenizer = tokenizer if tokenizer is not None else char_tokenizer()
-    vocab = len(tokenizer)
+    if arch not in _TINY_POSITIONS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use bert, llama or gpt2")
+    positions = positions if positions is not None else _TINY_POSITIONS[arch]
     heads = 4
     torch.manual_seed(seed)
+    model: PreTrainedModel
     if arch == "bert":
-        config = BertConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=2 * hidden,
-            max_position_embeddings=512,
-            num_labels=num_labels,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model: PreTrainedModel = BertForSequenceClassification(config)
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=2 * hidden, max_position_embeddings=positions, num_labels=num_labels, **token_ids))
     elif arch == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 2,
-            intermediate_size=2 * hidden,
-            max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = LlamaForCausalLM(config)
-    elif arch == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=heads,
-            n_positions=1024,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = GPT2LMHeadModel(config)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=heads // 2, intermediate_size=2 * hidden, max_position_embeddings=positions,
+            **token_ids))
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use bert, llama or gpt2")
-    model.eval()
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=positions, **token_ids))
+    return model.eval()
+
+
+def tiny_model(
+    arch: TinyArch,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    num_labels: int = 2,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`tiny_network` sized to a tokenizer (``char_tokenizer()`` by default), and the tokenizer."""
+    tokenizer = tokenizer if tokenizer is not None else char_tokenizer()
+    ids = {"pad_token_id": tokenizer.pad_token_id}
+    if arch != "bert":
+        ids.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = tiny_network(arch, len(tokenizer), num_labels=num_labels, hidden=hidden, layers=layers, seed=seed,
+                         **ids)
     ensure_pad_token(model, tokenizer)
     return model, tokenizer
