@@ -10,6 +10,8 @@ Everything here works on scalora's layers and on PEFT's (the active adapter of `
 from __future__ import annotations
 
 import os
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,15 @@ def effective_rank(matrix: torch.Tensor, rtol: float = 1e-3) -> RankInfo:
     entropy = float(-(p * p.log()).sum())
     return RankInfo(int((sigma > rtol * sigma[0]).sum()), float(torch.exp(torch.tensor(entropy))),
                     float(sigma.square().sum().sqrt()))
+
+
+def rank_summary(infos: Sequence[RankInfo]) -> dict[str, float]:
+    """``rank/mean``, ``rank/max`` and ``rank/entropy_mean`` over some layers' ranks, as the logs carry them (empty
+    for no layers)."""
+    if not infos:
+        return {}
+    return {"rank/mean": statistics.fmean(i.rank for i in infos), "rank/max": float(max(i.rank for i in infos)),
+            "rank/entropy_mean": statistics.fmean(i.entropy_rank for i in infos)}
 
 
 def snapshot_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ the ``log_history`` entry of that step; to have them in the integrations too, pu
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from scalora.alpha_lora import AlphaScheduler
 from scalora.errors import ConfigError
 from scalora.factors import lora_factors
 from scalora.optim import ScaLoRA
-from scalora.rank import effective_rank
+from scalora.rank import effective_rank, rank_summary
 from scalora.save_guard import checkpoint_saves
 from scalora.train.order import BatchOrder
 from scalora.wrapper import OptimizerWrapper
@@ -174,10 +173,7 @@ class ScaloraCallback(_Attachable):
                 raise ConfigError(f"base_weights has layer {name!r}, which the model's LoRA layers lack.")
             weight = layers[name].effective_weight()
             infos.append(effective_rank(weight - base.to(weight.device, torch.float64), self.rtol))
-        if not infos:
-            return {}
-        return {"rank/mean": statistics.fmean(i.rank for i in infos), "rank/max": float(max(i.rank for i in infos)),
-                "rank/entropy_mean": statistics.fmean(i.entropy_rank for i in infos)}
+        return rank_summary(infos)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module | None = None, **kwargs: Any) -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 from torch import nn
 
-from scalora.rank import effective_rank, effective_weight
+from scalora.rank import effective_rank, effective_weight, rank_summary
 
 
 def _weight_oi(model: nn.Module, name: str, fan_in_fan_out: bool) -> torch.Tensor:
@@ -26,9 +24,6 @@ class RankTracker:
         self.start = {name: _weight_oi(model, name, fi).clone() for name, fi in layers}
 
     def measure(self, model: nn.Module) -> dict[str, float]:
-        if not self.layers:
-            return {}
-        infos = [effective_rank(_weight_oi(model, name, fi) - self.start[name]) for name, fi in self.layers]
-        return {"rank/mean": statistics.fmean(i.rank for i in infos),
-                "rank/max": float(max(i.rank for i in infos)),
-                "rank/entropy_mean": statistics.fmean(i.entropy_rank for i in infos)}
+        """`rank_summary` of the tracked layers' accumulated updates (empty when none are tracked)."""
+        return rank_summary([effective_rank(_weight_oi(model, name, fi) - self.start[name])
+                             for name, fi in self.layers])
