@@ -1,9 +1,9 @@
 """ScaLoRA under FSDP2 (`fully_shard`) on CPU (gloo), shared by tests/test_fsdp.py.
 
-Every rank builds the tiny LoRA Llama of `ddp_worker` in float64, shards it with ``fully_shard`` per decoder layer and
-at the root (each rank then holds half the rows of every weight, LoRA factor and moment), trains it with ScaLoRA
-around AdamW on its shard of the global batch for each rule in `RULES`, and saves the whole model (gathered) to
-``OUTDIR/{rule}_rank{R}.pt``. The test compares it with one process trained on the global batch.
+Every rank builds the tiny LoRA Llama of `dist_worker_common` in float64, shards it with ``fully_shard`` per decoder
+layer and at the root (each rank then holds half the rows of every weight, LoRA factor and moment), trains it with
+ScaLoRA around AdamW on its shard of the global batch for each rule in `RULES`, and saves the whole model (gathered)
+to ``OUTDIR/{rule}_rank{R}.pt``. The test compares it with one process trained on the global batch.
 
 Launch with ``torch.multiprocessing.start_processes(spawn_entry, ...)``, or under torchrun
 (``python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py OUTDIR``).
@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from ddp_worker import LR, STEPS, build_model, keep_gloo_on_loopback, local_batch, train
+from dist_worker_common import LR, STEPS, build_model, local_batch, process_group, rendezvous_on
+from tiny import train_steps
 from torch.distributed.fsdp import fully_shard
 
 from scalora.optim import ScaLoRA
@@ -39,7 +39,7 @@ def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def train_single(rule: str, world_size: int = 2) -> dict[str, torch.Tensor]:
     """One process, no sharding, on the whole global batch."""
     model = build_model(torch.float64)
-    train(model, make_optimizer(model, rule), lambda step: torch.cat(
+    train_steps(model, make_optimizer(model, rule), lambda step: torch.cat(
         [local_batch(step, rank, world_size) for rank in range(world_size)]), STEPS)
     return whole_state(model)
 
@@ -50,25 +50,19 @@ def output_path(outdir: str | Path, rule: str, rank: int) -> Path:
 
 def run(rank: int, world_size: int, outdir: str | Path) -> None:
     """One rank's work: join the gloo group (env:// rendezvous), train every rule sharded, save the gathered model."""
-    torch.set_num_threads(1)
-    keep_gloo_on_loopback()
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with process_group(rank, world_size):
         for rule in RULES:
             model = build_model(torch.float64)
             for layer in model.model.layers:  # the usual wrapping: each decoder layer, then the rest
                 fully_shard(layer)
             fully_shard(model)
-            train(model, make_optimizer(model, rule), lambda step: local_batch(step, rank, world_size), STEPS)
+            train_steps(model, make_optimizer(model, rule), lambda step: local_batch(step, rank, world_size), STEPS)
             torch.save(whole_state(model), output_path(outdir, rule, rank))
-    finally:
-        dist.destroy_process_group()
 
 
 def spawn_entry(rank: int, world_size: int, port: int, outdir: str) -> None:
     """Target for ``torch.multiprocessing.start_processes`` (which passes the rank first)."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+    rendezvous_on(port)
     run(rank, world_size, outdir)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import ddp_worker
+import dist_worker_common
 import pytest
 import torch
 import torch.distributed as dist
@@ -98,12 +99,12 @@ def single() -> dict[tuple[int, torch.dtype], dict[str, Any]]:
 def test_ranks_stay_bitwise_identical(launched: Path, interval: int, dtype: torch.dtype) -> None:
     rank0, rank1 = _load(launched, interval, dtype)
     # ScaLoRA found the LoRA layers through the DDP wrapper (their names carry its "module." prefix) ...
-    assert len(rank0["layer_names"]) == ddp_worker.LORA_LAYERS
+    assert len(rank0["layer_names"]) == dist_worker_common.LORA_LAYERS
     assert all(name.startswith("module.") for name in rank0["layer_names"])
     # ... and really rescaled on the last step (a multiple of every interval).
-    assert ddp_worker.STEPS % interval == 0
-    assert rank0["stats"]["scalora/step"] == ddp_worker.STEPS
-    assert rank0["stats"]["scalora/layers"] == ddp_worker.LORA_LAYERS
+    assert dist_worker_common.STEPS % interval == 0
+    assert rank0["stats"]["scalora/step"] == dist_worker_common.STEPS
+    assert rank0["stats"]["scalora/layers"] == dist_worker_common.LORA_LAYERS
     assert rank0["stats"]["scalora/identity"] < 1.0
     # The ranks saw different data ...
     assert rank0["losses"][0] != rank1["losses"][0]
@@ -122,9 +123,9 @@ def test_ddp_matches_single_process_on_global_batch(launched: Path, single: dict
     mean_losses = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"], strict=True)]
     assert mean_losses == pytest.approx(reference["losses"], rel=1e-6, abs=0)
     # The base weights moved under ScaLoRA, so the comparison below covers the folded residuals too.
-    initial = ddp_worker.build_model(dtype).state_dict()
+    initial = dist_worker_common.build_model(dtype).state_dict()
     folded = [name for name in reference["model"] if name.endswith("base_layer.weight")]
-    assert len(folded) == ddp_worker.LORA_LAYERS
+    assert len(folded) == dist_worker_common.LORA_LAYERS
     for name in folded:
         assert not torch.equal(reference["model"][name], initial[name]), name
     assert rank0["model"].keys() == reference["model"].keys()
@@ -151,6 +152,6 @@ def test_torchrun_launch(tmp_path: Path) -> None:
     for interval, dtype in ddp_worker.CASES:
         rank0, rank1 = _load(tmp_path, interval, dtype)
         assert rank0["losses"][0] != rank1["losses"][0]
-        assert rank0["stats"]["scalora/layers"] == ddp_worker.LORA_LAYERS
+        assert rank0["stats"]["scalora/layers"] == dist_worker_common.LORA_LAYERS
         _assert_bitwise_equal(rank0, rank1)
 

@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-import ddp_worker
+import dist_worker_common
 import fsdp_worker
 import pytest
 import torch
@@ -54,7 +54,7 @@ def test_fsdp2_equals_one_process_on_the_global_batch(launched: Path, rule: str)
         single = fsdp_worker.train_single(rule, WORLD_SIZE)
     finally:
         torch.set_num_threads(threads)
-    start = ddp_worker.build_model(torch.float64).state_dict()
+    start = dist_worker_common.build_model(torch.float64).state_dict()
     ranks = [torch.load(fsdp_worker.output_path(launched, rule, rank)) for rank in range(WORLD_SIZE)]
     assert ranks[0].keys() == ranks[1].keys() == single.keys()
     folded = 0
@@ -63,7 +63,7 @@ def test_fsdp2_equals_one_process_on_the_global_batch(launched: Path, rule: str)
             diff = float((state[name] - expected).abs().max())
             assert diff <= TOLERANCE * float(expected.abs().max()), f"{name} on rank {rank}: {diff:.3g}"
         folded += "base_layer" in name and not torch.equal(expected, start[name])
-    assert folded == ddp_worker.LORA_LAYERS, "ScaLoRA must have folded into every base weight"
+    assert folded == dist_worker_common.LORA_LAYERS, "ScaLoRA must have folded into every base weight"
 
 
 @pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import tiny_gpt2, tiny_llama, token_batch
+from tiny import tiny_gpt2, tiny_llama, token_batch, train_steps
 from torch import nn
 
 from scalora import ConfigError, LoraConfig, apply_lora, lora_layers
@@ -22,15 +22,7 @@ def _lora_llama(r: int = 4, seed: int = 0, **kwargs) -> nn.Module:
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 0) -> list[float]:
-    losses = []
-    for i in range(steps):
-        ids = token_batch(101, batch=4, length=12, seed=seed + i)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_steps(model, opt, lambda i: token_batch(101, batch=4, length=12, seed=seed + i), steps)
 
 
 def test_outputs_unchanged_by_rescaling() -> None:

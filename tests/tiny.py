@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM
 
 from scalora.train.models import tiny_network
@@ -30,6 +32,20 @@ def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassificati
 def token_batch(vocab_size: int, batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, vocab_size, (batch, length), generator=g)
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batch: Callable[[int], torch.Tensor],
+                steps: int) -> list[float]:
+    """Train a causal LM `steps` steps on ``batch(step)`` (its own labels); the losses."""
+    losses = []
+    for step in range(steps):
+        ids = batch(step)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
