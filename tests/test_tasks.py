@@ -13,7 +13,7 @@ import torch
 from tiny import write_jsonl
 
 from scalora.errors import ScaloraError
-from scalora.train import tasks
+from scalora.train import task_types, tasks
 from scalora.train.data import DataError
 from scalora.train.models import tiny_model
 from scalora.train.tasks import (
@@ -235,16 +235,16 @@ def test_batched_generation_matches_one_at_a_time(arch: str) -> None:
 
 def test_math_task_scores_the_final_number(monkeypatch: pytest.MonkeyPatch, char_tok) -> None:
     outputs = [" 3 + 4 = 7\n#### 7", " so the answer is 12.0", " #### 1,000 apples", " no idea"]
-    monkeypatch.setattr(tasks, "generate", lambda *args, **kwargs: outputs)
-    monkeypatch.setattr(tasks, "completion_loss", lambda *args, **kwargs: 1.5)
+    monkeypatch.setattr(task_types, "generate", lambda *args, **kwargs: outputs)
+    monkeypatch.setattr(task_types, "completion_loss", lambda *args, **kwargs: 1.5)
     examples = [{"prompt": "q", "completion": " x", "answer": a} for a in ("7", "12", "1000", "5")]
     task = MathTask(name="m", train=[], eval=examples)
     assert task.evaluate(torch.nn.Linear(1, 1), char_tok, 64, 4) == {"exact_match": 0.75, "loss": 1.5, "n": 4.0}
 
 
 def test_generation_task_exact_match(monkeypatch: pytest.MonkeyPatch, char_tok) -> None:
-    monkeypatch.setattr(tasks, "generate", lambda *args, **kwargs: [" Paris ", "Lyon"])
-    monkeypatch.setattr(tasks, "completion_loss", lambda *args, **kwargs: 0.25)
+    monkeypatch.setattr(task_types, "generate", lambda *args, **kwargs: [" Paris ", "Lyon"])
+    monkeypatch.setattr(task_types, "completion_loss", lambda *args, **kwargs: 0.25)
     examples = [{"prompt": "a", "completion": " Paris"}, {"prompt": "b", "completion": " Rome"}]
     result = GenerationTask(name="g", train=[], eval=examples).evaluate(torch.nn.Linear(1, 1), char_tok, 64, 2)
     assert result == {"exact_match": 0.5, "loss": 0.25, "n": 2.0}
