@@ -62,13 +62,15 @@ class Task:
         """Score ``model`` on the first ``limit`` eval examples (all when None): ``{metric: value, "n": count}``
         (value in [0, 1]), plus any secondary scores the task defines. The model's train/eval mode is restored
         afterwards."""
-        raise NotImplementedError
-
-    def _eval_examples(self, limit: int | None) -> list[dict[str, Any]]:
         examples = self.eval if limit is None else self.eval[:limit]
         if not examples:
             raise DataError(f"task {self.name!r} has no evaluation examples")
-        return examples
+        return self.score(model, tokenizer, examples, max_length, batch_size)
+
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, Any]],
+              max_length: int, batch_size: int) -> dict[str, float]:
+        """`evaluate` on the given (non-empty) examples."""
+        raise NotImplementedError
 
     def summary(self) -> str:
         """One line for logs."""
@@ -85,15 +87,8 @@ class ClassificationTask(Task):
     kind: TaskKind = "classification"
     metric: str = "accuracy"
 
-    def evaluate(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        max_length: int,
-        batch_size: int,
-        limit: int | None = None,
-    ) -> dict[str, float]:
-        examples = self._eval_examples(limit)
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, Any]],
+              max_length: int, batch_size: int) -> dict[str, float]:
         collate = self.collate(tokenizer, max_length)
         device = model_device(model)
         correct = 0
@@ -118,15 +113,8 @@ class MultipleChoiceTask(Task):
     kind: TaskKind = "causal_lm"
     metric: str = "accuracy"
 
-    def evaluate(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        max_length: int,
-        batch_size: int,
-        limit: int | None = None,
-    ) -> dict[str, float]:
-        examples = self._eval_examples(limit)
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, Any]],
+              max_length: int, batch_size: int) -> dict[str, float]:
         pairs = [(ex["prompt"], choice) for ex in examples for choice in ex["choices"]]
         scores = choice_loglikelihoods(model, tokenizer, pairs, max_length, batch_size)
         correct = correct_norm = 0
@@ -158,15 +146,8 @@ class GenerationTask(Task):
     def prediction(self, generated: str) -> str | None:
         return generated.strip()
 
-    def evaluate(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        max_length: int,
-        batch_size: int,
-        limit: int | None = None,
-    ) -> dict[str, float]:
-        examples = self._eval_examples(limit)
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, Any]],
+              max_length: int, batch_size: int) -> dict[str, float]:
         texts = generate(
             model, tokenizer, [ex["prompt"] for ex in examples], max_length, batch_size, self.max_new_tokens
         )
@@ -196,15 +177,8 @@ class LanguageModelTask(Task):
     kind: TaskKind = "causal_lm"
     metric: str = "loss"
 
-    def evaluate(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        max_length: int,
-        batch_size: int,
-        limit: int | None = None,
-    ) -> dict[str, float]:
-        examples = self._eval_examples(limit)
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, Any]],
+              max_length: int, batch_size: int) -> dict[str, float]:
         loss = labelled_loss(model, self.collate(tokenizer, max_length), examples, batch_size)
         return {self.metric: loss, "n": float(len(examples))}
 
