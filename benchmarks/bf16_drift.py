@@ -23,13 +23,13 @@ any weight stored in that dtype must pay, and each method's extra bytes. Writes 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import save_report
 from torch import nn
 
 from scalora import LoraConfig, apply_lora
@@ -134,11 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
               "args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
               "machine": platform.machine(), "seconds": time.perf_counter() - t0, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    save_report(args.out, report, markdown)
     return report
 
 

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import command_line, environment
+from common import command_line, environment, save_report
 from step_time import _peak_rss_kib, _proc_status_kib, _reset_peak_rss
 
 METHODS = ("lora", "scalora", "scalora-compensated")
@@ -103,11 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[method] = json.loads(out.strip().splitlines()[-1])
     report = {"command": command_line(__file__, argv), "args": {k: str(v) for k, v in vars(args).items()},
               "environment": environment(), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    save_report(args.out, report, markdown)
     return report
 
 

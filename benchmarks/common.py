@@ -195,6 +195,16 @@ def save_json(path: str | os.PathLike[str], data: Any) -> Path:
     return path
 
 
+def save_report(path: str | os.PathLike[str], report: dict[str, Any],
+                to_markdown: Callable[[dict[str, Any]], str]) -> str:
+    """Write `report` as JSON at `path` and its Markdown table beside it (``.md``); print and return the table."""
+    path = save_json(path, report)
+    table = to_markdown(report)
+    path.with_suffix(".md").write_text(table)
+    print(table)
+    return table
+
+
 def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG and close it; returns the path."""
     import matplotlib.pyplot as plt
