@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from scalora import cli
-from scalora.cli import build_parser, main, parse_target_modules
+from scalora.cli import build_parser, main
+from scalora.cli_options import parse_target_modules
 from scalora.train import assets
 from scalora.train.compare import error_line, option_flag, to_argv
 from scalora.train.config import TrainConfig

@@ -14,16 +14,23 @@ import shlex
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, Field, fields
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from scalora.cli_options import (
+    add_training_options,
+    aliases_text,
+    methods_text,
+    optional,
+    seeds,
+    tasks_text,
+    training_values,
+)
 from scalora.errors import ConfigError, ScaloraError
-from scalora.optim import RULES
 from scalora.train import assets, report
-from scalora.train.compare import config_from_values, option_flag, parse_list, plan_jobs, run_comparison
-from scalora.train.config import SCHEDULES, TrainConfig
+from scalora.train.compare import config_from_values, parse_list, plan_jobs, run_comparison
+from scalora.train.config import TrainConfig
 from scalora.train.demo import rank_demo
 from scalora.train.models import ALIASES
 from scalora.train.registry import METHODS
@@ -35,37 +42,6 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def _methods_text() -> str:
-    return "; ".join(f"{m.name} ({m.help})" for m in METHODS.values())
-
-
-def _aliases_text() -> str:
-    return ", ".join(f"{name} ({a.description})" for name, a in ALIASES.items())
-
-
-def _tasks_text() -> str:
-    builtin = "; ".join(f"{name} ({t.description})" for name, t in BUILTIN_TASKS.items())
-    return f"{builtin}; hf:DATASET[:CONFIG] (needs the datasets package); or none with --train-file"
-
-
-_GROUPS: dict[str, tuple[str, ...]] = {
-    "model and data": ("model", "task", "method", "train_file", "eval_file", "train_size", "eval_size", "max_length",
-                       "max_new_tokens"),
-    "adapters": ("r", "lora_alpha", "lora_dropout", "target_modules"),
-    "optimisation": ("lr", "weight_decay", "batch_size", "grad_accum", "steps", "warmup_steps", "schedule",
-                     "max_grad_norm", "seed"),
-    "method-specific": ("scalora_rule", "scalora_c", "scalora_tau", "scalora_interval", "scalora_mode",
-                        "scalora_transfer_moments", "alpha_lr", "alpha_every", "alpha_holdout", "relora_every",
-                        "relora_prune", "relora_warmup"),
-    "evaluation, logging and output": ("eval_every", "eval_limit", "eval_batch_size", "log_every", "save_every",
-                                       "rank_layers", "output_dir", "resume", "overwrite", "export_rank", "progress",
-                                       "tensorboard"),
-}
-_CHOICES: dict[str, Sequence[str]] = {"method": tuple(METHODS), "schedule": SCHEDULES,
-                                     "scalora_mode": ("column", "scalar"), "scalora_rule": RULES}
-_EXTRA_FLAGS: dict[str, tuple[str, ...]] = {"r": ("--rank",)}
-_REGEX_CHARS = set("\\^$.|?*+()[]{}")
-
 DEMO_VALUES: dict[str, Any] = {
     "model": "minilm", "task": "sarcasm", "train_size": 2000, "eval_size": 500, "steps": 150, "batch_size": 16,
     "max_length": 48, "eval_every": 50,
@@ -74,112 +50,6 @@ DEMO_METHODS = "lora,rslora,scalora"
 DEMO_TIME = ("It first shows, in about 15 s, a task where rank decides (full fine-tuning, LoRA r=4 and ScaLoRA r=4 on "
              "a planted teacher). The whole demo takes about 3 minutes on a quiet 2-core CPU, plus the downloads "
              "(130 MB).")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Option types.
-
-
-def parse_target_modules(text: str) -> str | list[str]:
-    """``all-linear``; a comma list of names (``query,value``); or a regex (anything with regex characters)."""
-    text = text.strip()
-    if not text:
-        raise argparse.ArgumentTypeError("give all-linear, a comma list of module names, or a regex")
-    if text == "all-linear":
-        return text
-    if _REGEX_CHARS & set(text):
-        import re
-
-        try:
-            re.compile(text)
-        except re.error as e:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid regex ({e})") from None
-        return text
-    names = [n.strip() for n in text.split(",")]
-    if any(not n for n in names):
-        raise argparse.ArgumentTypeError(f"{text!r} has an empty module name")
-    return names
-
-
-def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        return None if text.strip().lower() in ("none", "auto", "") else convert(text)
-
-    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its error messages
-    return parse
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in parse_list(text, "--seeds")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _annotation(f: Field) -> tuple[str, bool]:
-    """(base type name, accepts None) of a TrainConfig field, from its annotation string."""
-    parts = [p.strip() for p in str(f.type).split("|")]
-    optional = "None" in parts
-    parts = [p for p in parts if p != "None"]
-    return (parts[0] if len(parts) == 1 else " | ".join(parts)), optional
-
-
-def _default_text(f: Field) -> str:
-    """`` (default: X)`` for help texts; nothing for None and flags (their help says what the default means)."""
-    if f.default is MISSING or f.default is None or isinstance(f.default, bool):
-        return ""
-    return f" (default: {f.default})"
-
-
-def add_training_options(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = (),
-                         defaults: dict[str, Any] | None = None) -> None:
-    """One flag per TrainConfig field (``batch_size`` → ``--batch-size``), grouped, with its help and default.
-
-    Every flag defaults to "not given" (argparse.SUPPRESS), so only what the user typed reaches the config and
-    TrainConfig keeps the defaults in one place; ``defaults`` only changes the shown defaults (the demo's).
-    """
-    defaults = defaults or {}
-    by_name = {f.name: f for f in fields(TrainConfig) if f.name not in exclude}
-    grouped = {name for names in _GROUPS.values() for name in names}
-    groups = list(_GROUPS.items()) + [("other training options", tuple(n for n in by_name if n not in grouped))]
-    fill = {"aliases": _aliases_text(), "tasks": _tasks_text(), "methods": _methods_text()}
-    for title, names in groups:
-        names = tuple(n for n in names if n in by_name)
-        if not names:
-            continue
-        group = parser.add_argument_group(f"training options: {title}")
-        for name in names:
-            f = by_name[name]
-            base, optional = _annotation(f)
-            help_text = f.metadata["help"].format(**fill)
-            shown = f" (default: {defaults[name]})" if name in defaults else _default_text(f)
-            flags = [option_flag(name), *_EXTRA_FLAGS.get(name, ())]
-            kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text + shown}
-            if base == "bool":
-                group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
-                continue
-            if name == "target_modules":
-                convert: Callable[[str], Any] = parse_target_modules
-                kwargs["metavar"] = "SPEC"
-            elif base == "int":
-                convert, kwargs["metavar"] = int, "N"
-            elif base == "float":
-                convert, kwargs["metavar"] = float, "X"
-            else:
-                convert = str
-                kwargs["metavar"] = "PATH" if name.endswith(("_file", "_dir")) else "NAME"
-            if name in _CHOICES:
-                kwargs["choices"] = list(_CHOICES[name])
-                kwargs["metavar"] = "{" + ",".join(_CHOICES[name]) + "}"
-            group.add_argument(*flags, type=_optional(convert) if optional else convert, **kwargs)
-
-
-def training_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields given on the command line."""
-    names = {f.name for f in fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,10 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"rsLoRA and ScaLoRA on a subset of the sarcasm headlines with MiniLM: {preset}. {DEMO_TIME} Any training "
         "option overrides the preset; a rerun replaces the previous demo unless --resume is given.", 100,
         break_on_hyphens=False)
-    fill = {"listing": _listing([("methods:", _methods_text()),
-                                 ("models:", _aliases_text() + ", or a folder, .gguf file or hub name"),
-                                 ("tasks:", _tasks_text())]),
-            "methods_listing": _listing([("methods:", _methods_text())]),
+    fill = {"listing": _listing([("methods:", methods_text()),
+                                 ("models:", aliases_text() + ", or a folder, .gguf file or hub name"),
+                                 ("tasks:", tasks_text())]),
+            "methods_listing": _listing([("methods:", methods_text())]),
             "assets_listing": _listing([("assets:", ", ".join(f"{a.name} ({a.description})"
                                                               for a in assets.ASSETS.values()))]),
             "demo_text": demo_text}
@@ -318,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "optional adapter on a task; prints the metric.",
                        epilog=EVAL_EPILOG)
     p.add_argument("--run", metavar="DIR", help="a run folder written by `scalora train` (with summary.json)")
-    p.add_argument("--model", metavar="NAME", help=f"model: an alias ({_aliases_text()}), a folder, or a hub name")
-    p.add_argument("--task", metavar="NAME", type=_optional(str), help=f"task: {_tasks_text()}")
+    p.add_argument("--model", metavar="NAME", help=f"model: an alias ({aliases_text()}), a folder, or a hub name")
+    p.add_argument("--task", metavar="NAME", type=optional(str), help=f"task: {tasks_text()}")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (scalora or PEFT format) to load first")
     p.add_argument("--train-file", metavar="PATH", help="data file of the task (its held-out tenth is evaluated)")
     p.add_argument("--eval-file", metavar="PATH", help="evaluate on this file (JSONL/CSV, same format as training)")
@@ -338,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=COMPARE_EPILOG.format(**fill))
     p.add_argument("--methods", default="lora,rslora,scalora", metavar="LIST",
                    help=f"comma list of methods, from {', '.join(METHODS)} (default: lora,rslora,scalora)")
-    p.add_argument("--seeds", type=_seeds, metavar="LIST",
+    p.add_argument("--seeds", type=seeds, metavar="LIST",
                    help="comma list of seeds: every method runs once per seed; the table shows mean ± std")
     add_training_options(p, exclude=("method",), defaults={"output_dir": "runs/compare", "eval_every": "steps/4"})
     _add_threads(p, "torch's default, one per core")
@@ -351,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=DEMO_EPILOG.format(**fill))
     p.add_argument("--methods", default=DEMO_METHODS, metavar="LIST",
                    help=f"comma list of methods, from {', '.join(METHODS)} (default: {DEMO_METHODS})")
-    p.add_argument("--seeds", type=_seeds, metavar="LIST", help="comma list of seeds (mean ± std over them)")
+    p.add_argument("--seeds", type=seeds, metavar="LIST", help="comma list of seeds (mean ± std over them)")
     add_training_options(p, exclude=("method",), defaults={**DEMO_VALUES, "output_dir": "runs/demo"})
     _add_threads(p, "1 when the machine is already busy, else torch's default")
     p.set_defaults(handler=_cmd_demo)
