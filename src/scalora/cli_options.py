@@ -13,7 +13,7 @@ from dataclasses import MISSING, Field, fields
 from typing import Any
 
 from scalora.errors import ConfigError
-from scalora.optim import RULES
+from scalora.optim import MODES, RULES
 from scalora.train.compare import option_flag, parse_list
 from scalora.train.config import SCHEDULES, TrainConfig
 from scalora.train.models import ALIASES
@@ -48,7 +48,7 @@ _GROUPS: dict[str, tuple[str, ...]] = {
                                        "tensorboard"),
 }
 _CHOICES: dict[str, Sequence[str]] = {"method": tuple(METHODS), "schedule": SCHEDULES,
-                                     "scalora_mode": ("column", "scalar"), "scalora_rule": RULES}
+                                     "scalora_mode": MODES, "scalora_rule": RULES}
 _EXTRA_FLAGS: dict[str, tuple[str, ...]] = {"r": ("--rank",)}
 _REGEX_CHARS = set("\\^$.|?*+()[]{}")
 

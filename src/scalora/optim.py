@@ -26,13 +26,20 @@ from scalora.errors import ConfigError
 from scalora.factors import LoraFactors
 from scalora.moments import check_moments, check_transformable, scale_moments
 from scalora.sharded import is_sharded, local, local_rows, local_state, sum_partial, whole
-from scalora.solver import COLUMN, IDENTITY, SCALAR, Scales, optimizer_system, scaling_system, solve_system
+from scalora.solver import (
+    COLUMN,
+    DEFAULT_TAU,
+    IDENTITY,
+    MODES,
+    SCALAR,
+    Scales,
+    optimizer_system,
+    scaling_system,
+    solve_system,
+)
 from scalora.wrapper import OptimizerWrapper
 
-MODES = ("column", "scalar")
 RULES = ("optimizer", "paper")
-#: second- to first-order ratio of the next step that ``c="auto"`` allows (benchmarks/rank_decides.py measures it)
-DEFAULT_TAU = 0.3
 
 
 #: the statistics of a scaling step, after `step` and `layers`, and their values before any layer was solved

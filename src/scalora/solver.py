@@ -44,7 +44,9 @@ from torch import Tensor
 
 __all__ = [
     "COLUMN",
+    "DEFAULT_TAU",
     "IDENTITY",
+    "MODES",
     "SCALAR",
     "Scales",
     "auto_c",
@@ -61,7 +63,11 @@ __all__ = [
 COLUMN, SCALAR, IDENTITY = 0, 1, 2
 """Values of :attr:`Scales.kind`: column solution, scalar fallback, identity (α = β = 1)."""
 
-_MODES = ("column", "scalar")
+MODES = ("column", "scalar")
+"""Values of ``mode``: per-column scales (scalar fallback), or one scale per factor."""
+
+DEFAULT_TAU = 0.3
+"""The second- to first-order ratio of the next step that ``c="auto"`` allows (benchmarks/rank_decides.py)."""
 
 
 @dataclass(frozen=True)
@@ -222,8 +228,8 @@ def auto_c(H: Tensor, v: Tensor, second: Tensor, scaling: float | Tensor, lr: fl
     """The largest c at which the next step stays first-order accurate: (n,) per layer, optimiser-aware rule.
 
     Under Adam the first-order change of W is −η s Σ_k u_k K_k with u = v / (c s²), of norm (η / (c s))·sqrt(vᵀHv);
-    the second-order term s η² U_B U_A does not depend on the scales, its norm is s η ‖U_B U_A‖_F = s η sqrt(second)
-    times η. Smaller factors (larger c) hand more of the adapter to W0 each step, until the second-order term
+    the second-order term s η² U_B U_A does not depend on the scales: its norm is s η² ‖U_B U_A‖_F = s η² sqrt(second).
+    Smaller factors (larger c) hand more of the adapter to W0 each step, until the second-order term
     dominates. Holding its ratio to the first-order term at ``tau`` gives
 
         c = tau · sqrt(vᵀ H v) / (η s² ‖U_B U_A‖_F),
@@ -382,7 +388,7 @@ def solve_system(
     power: int = 2,
     second: Tensor | None = None,
     lr: float | Tensor | None = None,
-    tau: float = 0.3,
+    tau: float = DEFAULT_TAU,
 ) -> Scales:
     """Scales from a given system (H (n, 2r, 2r), λ (n, 2r)); see :func:`solve_scales` for the rules.
 
@@ -393,8 +399,8 @@ def solve_system(
     auto = isinstance(c, str)
     if auto and (c != "auto" or second is None or lr is None):
         raise ValueError(f"c must be a positive number or 'auto' (with second= and lr=), got {c!r}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     batched = H.dim() == 3
@@ -407,7 +413,7 @@ def solve_system(
         raise ValueError(f"H {tuple(H.shape)} and λ {tuple(lam.shape)} are not (n, 2r, 2r) and (n, 2r)")
     r = m // 2
     dt, dev = H.dtype, H.device
-    s2 = _per_layer(scaling, n, dt, dev, "scaling").square()
+    s = _per_layer(scaling, n, dt, dev, "scaling").squeeze(-1)
 
     finite = torch.isfinite(H).all(-1).all(-1) & torch.isfinite(lam).all(-1)
     eye = torch.eye(m, dtype=dt, device=dev)
@@ -427,11 +433,8 @@ def solve_system(
         col_ok = torch.zeros(n, dtype=torch.bool, device=dev)
         v = v_s
 
-    if auto:
-        c_n = auto_c(H, v, second.reshape(n), s2.squeeze(-1).sqrt(), lr, tau)
-    else:
-        c_n = _per_layer(c, n, dt, dev, "c").squeeze(-1)
-    alpha, beta = scales_from_v(v, 1.0, c_n * s2.squeeze(-1), power=power)
+    c_n = auto_c(H, v, second.reshape(n), s, lr, tau) if auto else _per_layer(c, n, dt, dev, "c").squeeze(-1)
+    alpha, beta = scales_from_v(v, s, c_n, power=power)
     ones = torch.ones_like(alpha)
     alpha = torch.where(deg[:, :r], ones, alpha)
     beta = torch.where(deg[:, r:], ones, beta)

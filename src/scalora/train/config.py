@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from scalora.errors import ConfigError
-from scalora.optim import DEFAULT_TAU, RULES
+from scalora.optim import DEFAULT_TAU, MODES, RULES
 from scalora.train.registry import METHODS, Method
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -125,7 +125,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _text(name, getattr(self, name))
         for name, choices in (("method", METHODS), ("schedule", SCHEDULES), ("scalora_rule", RULES),
-                              ("scalora_mode", ("column", "scalar"))):
+                              ("scalora_mode", MODES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}.")
         for name in ("r", "batch_size", "grad_accum", "steps", "max_length", "eval_batch_size", "alpha_every",
@@ -200,8 +200,9 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-#: fields added after runs were first written, with the value those runs implied
-_IMPLIED_BEFORE: dict[str, Any] = {"scalora_rule": "paper", "scalora_tau": DEFAULT_TAU}
+#: fields added after runs were first written, with the value those runs implied. Fixed values, not the current
+#: defaults: were it DEFAULT_TAU, a run saved at one default τ would resume silently under a later one.
+_IMPLIED_BEFORE: dict[str, Any] = {"scalora_rule": "paper", "scalora_tau": 0.3}
 
 
 def _whole(name: str, value: Any, low: int, high: int = INT_MAX) -> None:
