@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalora.errors import ConfigError
-from scalora.finite import finite_in, require_finite
+from scalora.finite import finite_in, nonfinite_error, require_finite
 from scalora.rounding import stochastic_round
 from scalora.sharded import local
 
@@ -163,11 +163,12 @@ class LoraLayer(nn.Module):
             base = base + self.base_compensation[rows].to(dtype)
         return torch.addmm(base, B[rows].to(dtype), A.to(dtype))
 
-    def fold_finite(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """A 0-dim bool tensor on W0's device, nothing read back: is a `fold_(B, A)` rounded to nearest finite in
-        the weight's dtype? Checked in row chunks (`row_chunks`); `scalora.finite.first_false` reads many at once."""
+    def fold_finite(self, B: torch.Tensor, A: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """A 0-dim bool tensor on W0's device, nothing read back: is a `fold_(B, A)` (after W0's rows are scaled by
+        `row_scale`) rounded to nearest finite in the weight's dtype? Checked in row chunks (`row_chunks`), so no
+        temporary is the size of W0; `scalora.finite.first_false` reads many at once."""
         weight = local(self.base_weight_oi())
-        return torch.stack([finite_in(self.folded_weight(B, A, rows=rows), weight.dtype)
+        return torch.stack([finite_in(self.folded_weight(B, A, row_scale, rows=rows), weight.dtype)
                             for rows in row_chunks(*weight.shape)]).all()
 
     def check_merge(self, where: str = "this layer") -> None:
@@ -176,8 +177,8 @@ class LoraLayer(nn.Module):
             return
         weight, bias = self.base_weight_oi(), getattr(self.base_layer, "bias", None)
         a = None if self.alpha_vector is None else self.alpha_vector.to(weight.dtype)
-        require_finite(self.folded_weight(self.lora_B * self.scaling, self.lora_A, a), weight.dtype,
-                       f"merging the adapter into the base weight of {where}")
+        if not bool(self.fold_finite(self.lora_B * self.scaling, self.lora_A, a)):
+            raise nonfinite_error(weight.dtype, f"merging the adapter into the base weight of {where}")
         if a is not None and bias is not None:
             require_finite(bias * a.to(bias.dtype), bias.dtype, f"merging the α vector into the bias of {where}")
 
