@@ -150,7 +150,8 @@ class OptimizerWrapper(torch.optim.Optimizer):
         self._mark_base_changed()
 
     def _mark_base_changed(self) -> None:
-        """Once stepped (or resumed), the base weights are no longer the pre-trained ones: mark the layers."""
+        """From the moment a wrapper takes charge of the layers (built, or resumed) their base weights may change at
+        any step: mark them, so that saving the adapter alone is refused from then on."""
         for _, layer in self.layers:
             layer.mark_base_changed()
 
