@@ -18,7 +18,8 @@ from scalora import LoraConfig, apply_lora
 from scalora.directions import next_direction, scale_invariant
 from scalora.errors import ConfigError
 from scalora.optim import ScaLoRA
-from scalora.solver import COLUMN, IDENTITY, auto_c, optimizer_system, scaling_system, solve_system
+from scalora.scaling_problem import auto_c, optimizer_system, scaling_system
+from scalora.solver import COLUMN, IDENTITY, solve_system
 
 F64 = torch.float64
 

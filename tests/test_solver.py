@@ -17,18 +17,15 @@ import pytest
 import torch
 from scipy.optimize import nnls
 
+from scalora.scaling_problem import objective, scales_from_v, scaling_system, v_from_scales
 from scalora.solver import (
     COLUMN,
     IDENTITY,
     SCALAR,
     Scales,
     degenerate_mask,
-    objective,
-    scales_from_v,
-    scaling_system,
     solve_scales,
     solve_system,
-    v_from_scales,
 )
 
 F64 = torch.float64

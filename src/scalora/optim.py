@@ -3,7 +3,7 @@
 Before the wrapped optimiser's ordinary step, every `interval` steps and for every LoRA layer (docs/scalora.md):
 
 1. solve the optimal column scales α (columns of B) and β (rows of A) from A, B and their gradients
-   (`scalora.solver`, batched over layers of one shape);
+   (`scalora.scaling_problem`, `scalora.solver`, batched over layers of one shape);
 2. merge the residual into the frozen weight, W0 ← W0 + s B diag(1 − α⊙β) A, so W is unchanged;
 3. rescale B ← B diag(α), A ← diag(β) A, their gradients g_B ← g_B diag(β), g_A ← diag(α) g_A, and the
    optimiser's moments the same way (`scalora.moments`): no reset, no warm-up.
@@ -25,18 +25,9 @@ from scalora.directions import next_direction, scale_invariant
 from scalora.errors import ConfigError
 from scalora.factors import LoraFactors
 from scalora.moments import check_moments, check_transformable, scale_moments
+from scalora.scaling_problem import optimizer_system, scaling_system
 from scalora.sharded import is_sharded, local, local_rows, local_state, sum_partial, whole
-from scalora.solver import (
-    COLUMN,
-    DEFAULT_TAU,
-    IDENTITY,
-    MODES,
-    SCALAR,
-    Scales,
-    optimizer_system,
-    scaling_system,
-    solve_system,
-)
+from scalora.solver import COLUMN, DEFAULT_TAU, IDENTITY, MODES, SCALAR, Scales, solve_system
 from scalora.wrapper import OptimizerWrapper
 
 RULES = ("optimizer", "paper")
@@ -106,8 +97,8 @@ class ScaLoRA(OptimizerWrapper):
             linear in the scales); ``"paper"`` is the published closed form, which assumes a plain gradient step.
         c: c = L·η of the scaling problem (larger c → smaller scales), or ``"auto"``: per layer and step, the largest
             c at which the next step's second-order term stays ``tau`` times its first-order term
-            (`scalora.solver.auto_c`). Default: ``"auto"`` for the optimiser-aware rule with Adam-type optimisers,
-            1.0 otherwise (the paper's setting).
+            (`scalora.scaling_problem.auto_c`). Default: ``"auto"`` for the optimiser-aware rule with Adam-type
+            optimisers, 1.0 otherwise (the paper's setting).
         tau: the ratio of second- to first-order change that ``c="auto"`` allows.
         mode: ``"column"`` (per-column scales, scalar fallback) or ``"scalar"`` (one scale per factor).
         transfer_moments: transform the optimiser's moments with the scales (the paper's ablation turns it off).

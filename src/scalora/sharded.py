@@ -2,7 +2,7 @@
 
 FSDP2 keeps every parameter as a `DTensor` sharded on dim 0: each rank holds some rows of W0 (out × in), of B
 (out × r) and of A (r × in), and of their gradients and optimiser moments. ScaLoRA's system needs r × r Gram products
-only (`scalora.solver.optimizer_system`):
+only (`scalora.scaling_problem.optimizer_system`):
 
 * A is small (r × in), so A, its gradient and its direction are gathered whole;
 * the B-side products BᵀB, Bᵀ U_B, U_Bᵀ U_B and coldot(∂ℓ/∂B, U_B) are sums over the rows of B, so each rank's
