@@ -68,7 +68,7 @@ def test_solution_is_the_nnls_optimum_of_the_fit(seed):
     A, B, gA, gB, UA, UB, G = _layer(r, n_in, n_out, s, seed=100 + seed)
     H, lam, second = optimizer_system(A, B, gA, gB, UA, UB)
     scales = solve_system(H, lam, s, c, power=1)
-    u = torch.cat([scales.alpha, scales.beta])
+    u = torch.cat([scales.scale_B, scales.scale_A])
     eta = 1e-2
     L = c / eta
     K = _terms(A, B, UA, UB)
@@ -92,11 +92,11 @@ def test_auto_c_holds_the_second_order_ratio_at_tau():
     H, lam, second = optimizer_system(A, B, gA, gB, UA, UB)
     scales = solve_system(H, lam, s, "auto", power=1, second=second, lr=eta, tau=tau)
     assert int(scales.kind) != IDENTITY
-    first = eta * s * (UB @ torch.diag(scales.beta) @ A + B @ torch.diag(scales.alpha) @ UA)
+    first = eta * s * (UB @ torch.diag(scales.scale_A) @ A + B @ torch.diag(scales.scale_B) @ UA)
     second_order = s * eta**2 * UB @ UA
     assert float(second_order.norm() / first.norm()) == pytest.approx(tau, rel=1e-9)
-    v = torch.cat([scales.alpha, scales.beta]) * auto_c(H, torch.cat([scales.alpha, scales.beta]), second, s, eta,
-                                                        tau) * s**2
+    v = torch.cat([scales.scale_B, scales.scale_A]) * auto_c(H, torch.cat([scales.scale_B, scales.scale_A]), second, s,
+                                                                  eta, tau) * s**2
     assert torch.isfinite(v).all()
 
 
@@ -105,7 +105,7 @@ def test_auto_c_is_identity_when_the_bound_says_nothing():
     A, B, gA, gB, UA, UB, _ = _layer(2, 6, 5, 1.0, seed=3)
     H, lam, second = optimizer_system(A, torch.zeros_like(B), torch.zeros_like(gA), gB, torch.zeros_like(UA), UB)
     scales = solve_system(H, lam, 1.0, "auto", power=1, second=second, lr=1e-3)
-    assert int(scales.kind) == IDENTITY and torch.equal(scales.alpha, torch.ones(2, dtype=F64))
+    assert int(scales.kind) == IDENTITY and torch.equal(scales.scale_B, torch.ones(2, dtype=F64))
 
 
 @pytest.mark.parametrize("make", [
@@ -148,11 +148,11 @@ def test_adam_step_after_rescaling_is_linear_in_the_scales():
     w_before = layer.base_layer.weight.detach().clone() + s * B @ A
     base_before = layer.base_layer.weight.detach().clone()
     opt.rescale()
-    alpha = layer.lora_B.detach()[0] / B[0]
-    beta = layer.lora_A.detach()[:, 0] / A[:, 0]
+    scale_B = layer.lora_B.detach()[0] / B[0]
+    scale_A = layer.lora_A.detach()[:, 0] / A[:, 0]
     inner.step()
     w_after = layer.base_layer.weight.detach() + s * layer.lora_B.detach() @ layer.lora_A.detach()
-    predicted = -eta * s * (U_B @ torch.diag(beta) @ A + B @ torch.diag(alpha) @ U_A) + s * eta**2 * U_B @ U_A
+    predicted = -eta * s * (U_B @ torch.diag(scale_A) @ A + B @ torch.diag(scale_B) @ U_A) + s * eta**2 * U_B @ U_A
     torch.testing.assert_close(w_after - w_before, predicted, rtol=1e-8, atol=1e-12)
     assert not torch.equal(layer.base_layer.weight.detach(), base_before)  # something was handed to W0
 

@@ -67,10 +67,10 @@ def _terms(A: torch.Tensor, B: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.stack(M + N)
 
 
-def _frobenius(A, B, G, alpha, beta, s, L, eta) -> float:
+def _frobenius(A, B, G, scale_B, scale_A, s, L, eta) -> float:
     """‖G/L − η s² (G Q̃Q̃ᵀ + P̃P̃ᵀ G)‖²_F, written out with the rescaled PEFT factors."""
-    B_t = B * alpha  # columns of lora_B by α
-    A_t = A * beta[:, None]  # rows of lora_A by β
+    B_t = B * scale_B  # columns of lora_B by α
+    A_t = A * scale_A[:, None]  # rows of lora_A by β
     P_t, Q_t = B_t, A_t.T
     X = G @ Q_t @ Q_t.T + P_t @ P_t.T @ G
     return float(((G / L - eta * s**2 * X) ** 2).sum())
@@ -138,10 +138,10 @@ def test_objective_constants_match_frobenius(seed):
     A, B, gA, gB, G = _layer(r, n_in, n_out, s, rank_g=None if seed % 2 else 2, gen=gen)
     H, lam = scaling_system(A, B, gA, gB)
     for _ in range(3):
-        alpha = torch.rand(r, dtype=F64, generator=gen) * 3
-        beta = torch.rand(r, dtype=F64, generator=gen) * 3
-        lhs = L**2 * _frobenius(A, B, G, alpha, beta, s, L, eta)
-        v = v_from_scales(alpha, beta, s, L * eta)
+        scale_B = torch.rand(r, dtype=F64, generator=gen) * 3
+        scale_A = torch.rand(r, dtype=F64, generator=gen) * 3
+        lhs = L**2 * _frobenius(A, B, G, scale_B, scale_A, s, L, eta)
+        v = v_from_scales(scale_B, scale_A, s, L * eta)
         rhs = float((G**2).sum() + objective(H, lam, v) / s**2)
         assert lhs == pytest.approx(rhs, rel=1e-10)
 
@@ -151,10 +151,10 @@ def test_first_order_step_in_peft_layout():
     gen = torch.Generator().manual_seed(7)
     r, n_in, n_out, s, eta = 3, 8, 5, 0.8, 0.03
     A, B, _, _, G = _layer(r, n_in, n_out, s, gen=gen)
-    alpha = torch.rand(r, dtype=F64, generator=gen) + 0.5
-    beta = torch.rand(r, dtype=F64, generator=gen) + 0.5
-    B_t = (B * alpha).requires_grad_(True)
-    A_t = (A * beta[:, None]).requires_grad_(True)
+    scale_B = torch.rand(r, dtype=F64, generator=gen) + 0.5
+    scale_A = torch.rand(r, dtype=F64, generator=gen) + 0.5
+    B_t = (B * scale_B).requires_grad_(True)
+    A_t = (A * scale_A[:, None]).requires_grad_(True)
     gA_t, gB_t = torch.autograd.grad((G * (s * B_t @ A_t)).sum(), (A_t, B_t))
     dW = s * (B_t - eta * gB_t) @ (A_t - eta * gA_t) - s * B_t @ A_t
     P_t, Q_t = B_t.detach(), A_t.detach().T
@@ -165,9 +165,9 @@ def test_first_order_step_in_peft_layout():
 def test_v_scale_maps():
     s, c = 0.25, 3e-3
     v = torch.full((3, 8), c * s**2, dtype=F64)
-    alpha, beta = scales_from_v(v, s, c)
-    torch.testing.assert_close(alpha, torch.ones(3, 4, dtype=F64), rtol=1e-14, atol=0)
-    torch.testing.assert_close(beta, torch.ones(3, 4, dtype=F64), rtol=1e-14, atol=0)
+    scale_B, scale_A = scales_from_v(v, s, c)
+    torch.testing.assert_close(scale_B, torch.ones(3, 4, dtype=F64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(scale_A, torch.ones(3, 4, dtype=F64), rtol=1e-14, atol=0)
     a, b = torch.rand(2, 5, dtype=F64), torch.rand(2, 5, dtype=F64)
     a2, b2 = scales_from_v(v_from_scales(a, b, s, c), s, c)
     torch.testing.assert_close((a2, b2), (a, b), rtol=1e-13, atol=1e-15)
@@ -208,20 +208,20 @@ def test_solver_matches_bruteforce_nnls(r, n_in, n_out, variant, seed):
     sc = solve_scales(A, B, gA, gB, s, c)
     H, lam = scaling_system(A, B, gA, gB)
     deg = degenerate_mask(H, lam)
-    assert sc.alpha.dtype == F64 and sc.alpha.shape == (n, r) and sc.kind.shape == (n,)
+    assert sc.scale_B.dtype == F64 and sc.scale_B.shape == (n, r) and sc.kind.shape == (n,)
     for k in range(n):
         Ak, Bk, _, _, G = layers[k]
-        alpha, beta, kind = sc.alpha[k], sc.beta[k], int(sc.kind[k])
-        assert torch.isfinite(alpha).all() and torch.isfinite(beta).all()
-        assert (alpha >= 0).all() and (beta >= 0).all()
+        scale_B, scale_A, kind = sc.scale_B[k], sc.scale_A[k], int(sc.kind[k])
+        assert torch.isfinite(scale_B).all() and torch.isfinite(scale_A).all()
+        assert (scale_B >= 0).all() and (scale_A >= 0).all()
         if variant == "zero_b":
-            assert deg[k, :r].all() and (alpha == 1).all()
+            assert deg[k, :r].all() and (scale_B == 1).all()
         assert kind in (COLUMN, SCALAR)
         free = ~deg[k]
         K = _terms(Ak, Bk, G)
         # explicit column optimum over all 2r indices (degenerate ones have K_i ≈ 0 or λ_i ≈ 0)
         best, w_best = _nnls_reduction(K, G)
-        v = v_from_scales(alpha, beta, s, c)
+        v = v_from_scales(scale_B, scale_A, s, c)
         w_solver = torch.where(free, v, torch.zeros_like(v))
         got = _reduction(K, G, w_solver)
         # the two forms of the objective agree for the solver's point
@@ -233,7 +233,7 @@ def test_solver_matches_bruteforce_nnls(r, n_in, n_out, variant, seed):
             assert (v[free] > 0).all()
         else:
             # scalar fallback: one scale per block on the free indices, optimal among such
-            for blk, scale in ((0, alpha), (1, beta)):
+            for blk, scale in ((0, scale_B), (1, scale_A)):
                 f = free[blk * r : (blk + 1) * r]
                 if f.any():
                     assert torch.allclose(scale[f], scale[f][0].expand(int(f.sum())), rtol=1e-12, atol=0)
@@ -269,13 +269,13 @@ def test_scalar_mode_matches_bruteforce(variant):
     K = _terms(A, B, G)
     Ks = torch.stack([K[:r][free[:r]].sum(0), K[r:][free[r:]].sum(0)])
     best_s, _ = _nnls_reduction(Ks, G)
-    v = v_from_scales(sc.alpha, sc.beta, s, c)
+    v = v_from_scales(sc.scale_B, sc.scale_A, s, c)
     assert _reduction(K, G, torch.where(free, v, torch.zeros_like(v))) == pytest.approx(best_s, rel=1e-8, abs=1e-12)
     if variant == "zero_b":
-        assert (sc.alpha == 1).all()
+        assert (sc.scale_B == 1).all()
     # column mode is never worse than scalar mode
     col = solve_scales(A, B, gA, gB, s, c)
-    vc = v_from_scales(col.alpha, col.beta, s, c)
+    vc = v_from_scales(col.scale_B, col.scale_A, s, c)
     assert objective(H, lam, torch.where(free, vc, 0 * vc)) <= objective(H, lam, torch.where(free, v, 0 * v)) + 1e-12
 
 
@@ -286,7 +286,7 @@ def test_explicit_frobenius_value_of_solution():
     A, B, gA, gB, G = _layer(r, n_in, n_out, s, gen=gen)
     sc = solve_scales(A, B, gA, gB, s, L * eta)
     best, _ = _nnls_reduction(_terms(A, B, G), G)
-    val = _frobenius(A, B, G, sc.alpha, sc.beta, s, L, eta)
+    val = _frobenius(A, B, G, sc.scale_B, sc.scale_A, s, L, eta)
     assert val == pytest.approx((float((G**2).sum()) - best) / L**2, rel=1e-9)
     assert val < _frobenius(A, B, G, torch.ones(r, dtype=F64), torch.ones(r, dtype=F64), s, L, eta)
 
@@ -307,10 +307,10 @@ def test_batched_equals_per_layer():
     sc = solve_scales(A, B, gA, gB, s, c)
     for k in range(6):
         one = solve_scales(A[k], B[k], gA[k], gB[k], s, c)
-        assert one.alpha.shape == (4,) and one.kind.shape == ()
+        assert one.scale_B.shape == (4,) and one.kind.shape == ()
         assert int(one.kind) == int(sc.kind[k])
-        torch.testing.assert_close(one.alpha, sc.alpha[k], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(one.beta, sc.beta[k], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(one.scale_B, sc.scale_B[k], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(one.scale_A, sc.scale_A[k], rtol=1e-9, atol=1e-12)
 
 
 def test_per_layer_c_and_scaling_tensors():
@@ -320,8 +320,8 @@ def test_per_layer_c_and_scaling_tensors():
     sc = solve_scales(A, B, gA, gB, s, c)
     for k in range(3):
         one = solve_scales(A[k], B[k], gA[k], gB[k], float(s[k]), float(c[k]))
-        torch.testing.assert_close(one.alpha, sc.alpha[k], rtol=1e-12, atol=0)
-        torch.testing.assert_close(one.beta, sc.beta[k], rtol=1e-12, atol=0)
+        torch.testing.assert_close(one.scale_B, sc.scale_B[k], rtol=1e-12, atol=0)
+        torch.testing.assert_close(one.scale_A, sc.scale_A[k], rtol=1e-12, atol=0)
 
 
 def test_non_finite_layers_get_identity_and_leave_others_alone():
@@ -334,21 +334,21 @@ def test_non_finite_layers_get_identity_and_leave_others_alone():
     gB[3] = float("-inf")
     sc = solve_scales(A, B, gA, gB, s, c)
     assert sc.kind.tolist()[1:] == [IDENTITY] * 3
-    assert (sc.alpha[1:] == 1).all() and (sc.beta[1:] == 1).all()
+    assert (sc.scale_B[1:] == 1).all() and (sc.scale_A[1:] == 1).all()
     assert int(sc.kind[0]) == int(ref.kind[0])
-    torch.testing.assert_close(sc.alpha[0], ref.alpha[0], rtol=1e-12, atol=0)
-    torch.testing.assert_close(sc.beta[0], ref.beta[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(sc.scale_B[0], ref.scale_B[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(sc.scale_A[0], ref.scale_A[0], rtol=1e-12, atol=0)
 
 
 def test_nothing_to_solve_is_identity():
     A, B, gA, gB = _batch(2, 3, 10, 7, 1.0, seed=9)
     sc = solve_scales(A, B, torch.zeros_like(gA), torch.zeros_like(gB), 1.0, 1.0)
     assert sc.kind.tolist() == [IDENTITY, IDENTITY]
-    assert (sc.alpha == 1).all() and (sc.beta == 1).all()
+    assert (sc.scale_B == 1).all() and (sc.scale_A == 1).all()
     # zero-initialised B: α stays 1, β is solved
     A, B, gA, gB = _batch(2, 3, 10, 7, 1.0, seed=9, zero_b=True)
     sc = solve_scales(A, B, gA, gB, 1.0, 1.0)
-    assert (sc.kind != IDENTITY).all() and (sc.alpha == 1).all() and (sc.beta != 1).all()
+    assert (sc.kind != IDENTITY).all() and (sc.scale_B == 1).all() and (sc.scale_A != 1).all()
 
 
 def test_scales_grow_as_inverse_sqrt_c():
@@ -362,8 +362,8 @@ def test_scales_grow_as_inverse_sqrt_c():
         sc = solve_scales(A, B, gA, gB, s, c)
         assert torch.equal(sc.kind, ref.kind)
         deg = degenerate_mask(H, lam)
-        expect = torch.cat([ref.alpha, ref.beta], -1) / math.sqrt(c)
-        got = torch.cat([sc.alpha, sc.beta], -1)
+        expect = torch.cat([ref.scale_B, ref.scale_A], -1) / math.sqrt(c)
+        got = torch.cat([sc.scale_B, sc.scale_A], -1)
         torch.testing.assert_close(got[~deg], expect[~deg], rtol=1e-12, atol=0)
         assert (got[deg] == 1).all()
 
@@ -373,29 +373,29 @@ def test_low_precision_inputs(low):
     s, c = 0.5, 0.3
     A, B, gA, gB = (t.to(low) for t in _batch(4, 8, 64, 48, s, seed=13))
     sc = solve_scales(A, B, gA, gB, s, c)
-    assert sc.alpha.dtype == torch.float32 and sc.beta.dtype == torch.float32
-    assert torch.isfinite(sc.alpha).all() and torch.isfinite(sc.beta).all()
+    assert sc.scale_B.dtype == torch.float32 and sc.scale_A.dtype == torch.float32
+    assert torch.isfinite(sc.scale_B).all() and torch.isfinite(sc.scale_A).all()
     assert (sc.kind != IDENTITY).all()
     up = solve_scales(*(t.float() for t in (A, B, gA, gB)), s, c)  # upcasting is exact: identical results
     assert torch.equal(sc.kind, up.kind)
-    torch.testing.assert_close(sc.alpha, up.alpha, rtol=0, atol=0)
+    torch.testing.assert_close(sc.scale_B, up.scale_B, rtol=0, atol=0)
     # float32 agrees with float64 on the same inputs
     ref = solve_scales(*(t.double() for t in (A, B, gA, gB)), s, c)
     assert torch.equal(sc.kind, ref.kind)
-    torch.testing.assert_close(sc.alpha.double(), ref.alpha, rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(sc.beta.double(), ref.beta, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(sc.scale_B.double(), ref.scale_B, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(sc.scale_A.double(), ref.scale_A, rtol=1e-3, atol=1e-5)
 
 
 def test_float32_on_singular_systems_is_finite_and_near_optimal():
     s, c = 0.5, 1.0
     A, B, gA, gB = _batch(5, 8, 40, 3, s, seed=21, rank_g=1, dup=True)  # out < r, rank-1 G, duplicated terms
     sc = solve_scales(A.float(), B.float(), gA.float(), gB.float(), s, c)
-    assert torch.isfinite(sc.alpha).all() and torch.isfinite(sc.beta).all()
+    assert torch.isfinite(sc.scale_B).all() and torch.isfinite(sc.scale_A).all()
     H, lam = scaling_system(A, B, gA, gB)
     free = ~degenerate_mask(H, lam)
     ref = solve_scales(A, B, gA, gB, s, c)
-    v32 = torch.where(free, v_from_scales(sc.alpha.double(), sc.beta.double(), s, c), 0.0)
-    v64 = torch.where(free, v_from_scales(ref.alpha, ref.beta, s, c), 0.0)
+    v32 = torch.where(free, v_from_scales(sc.scale_B.double(), sc.scale_A.double(), s, c), 0.0)
+    v64 = torch.where(free, v_from_scales(ref.scale_B, ref.scale_A, s, c), 0.0)
     f32, f64 = objective(H, lam, v32), objective(H, lam, v64)
     # f ≤ 0 (−f/s² is the reduction of the Frobenius objective): float32 is within 1e-3 of float64, or better
     assert (f32 <= f64 + 1e-3 * f64.abs()).all()
@@ -408,14 +408,14 @@ def test_never_forms_out_by_in():
     A, gA = torch.randn(1, r, d, generator=gen), torch.randn(1, r, d, generator=gen)
     B, gB = torch.randn(1, d, r, generator=gen), torch.randn(1, d, r, generator=gen)
     sc = solve_scales(A, B, gA, gB, 1.0, 1.0)
-    assert isinstance(sc, Scales) and torch.isfinite(sc.alpha).all()
+    assert isinstance(sc, Scales) and torch.isfinite(sc.scale_B).all()
 
 
 def test_solve_system_identity_for_degenerate_everything():
     H = torch.zeros(2, 4, 4, dtype=F64)
     lam = torch.zeros(2, 4, dtype=F64)
     sc = solve_system(H, lam, 1.0, 1.0)
-    assert sc.kind.tolist() == [IDENTITY, IDENTITY] and (sc.alpha == 1).all()
+    assert sc.kind.tolist() == [IDENTITY, IDENTITY] and (sc.scale_B == 1).all()
 
 
 def test_argument_checks():
@@ -464,9 +464,9 @@ def test_many_small_layers_column_and_scalar_against_nnls(r, n_in, n_out):
         best_s, _ = _nnls_reduction(Ks, G)
         scale = max(best, 1e-300)
         assert int(sca.kind[k]) == SCALAR
-        v = torch.where(free, v_from_scales(sca.alpha[k], sca.beta[k], s, c), 0.0)
+        v = torch.where(free, v_from_scales(sca.scale_B[k], sca.scale_A[k], s, c), 0.0)
         assert _reduction(K, G, v) == pytest.approx(best_s, rel=1e-7, abs=1e-10 * scale)
-        v = torch.where(free, v_from_scales(col.alpha[k], col.beta[k], s, c), 0.0)
+        v = torch.where(free, v_from_scales(col.scale_B[k], col.scale_A[k], s, c), 0.0)
         target = best if int(col.kind[k]) == COLUMN else best_s
         assert int(col.kind[k]) in (COLUMN, SCALAR)
         assert _reduction(K, G, v) == pytest.approx(target, rel=1e-7, abs=1e-10 * scale)
@@ -501,10 +501,10 @@ def test_general_psd_systems_against_nnls(r):
         f_sca = float(objective(H[k], lam[k], torch.from_numpy(ws).repeat_interleave(r)))
         counts["boundary"] += int((ws == 0).any())
         tol = 1e-9 * abs(f_col) + 1e-12
-        v = v_from_scales(sca.alpha[k], sca.beta[k], s, c)
+        v = v_from_scales(sca.scale_B[k], sca.scale_A[k], s, c)
         assert int(sca.kind[k]) == SCALAR
         assert float(objective(H[k], lam[k], v)) == pytest.approx(f_sca, rel=1e-9, abs=1e-12)
-        v = v_from_scales(col.alpha[k], col.beta[k], s, c)
+        v = v_from_scales(col.scale_B[k], col.scale_A[k], s, c)
         f = float(objective(H[k], lam[k], v))
         if int(col.kind[k]) == COLUMN:
             counts["column"] += 1
@@ -531,7 +531,7 @@ def test_ill_conditioned_system_is_solved_to_the_optimum():
     assert torch.linalg.eigvalsh(Hn).min() < 1e-11  # below the ridge 1e-2·sqrt(ε) ≈ 1.5e-10
     sc = solve_system(H, lam, 1.0, 1.0, eps=0.0)
     assert int(sc.kind) == COLUMN
-    v = v_from_scales(sc.alpha, sc.beta, 1.0, 1.0)
+    v = v_from_scales(sc.scale_B, sc.scale_A, 1.0, 1.0)
     assert float(objective(H, lam, v)) == pytest.approx(float(objective(H, lam, x)), rel=1e-12)
 
 
@@ -562,12 +562,12 @@ def test_inconsistent_layer_takes_pseudo_inverse_path_alone(monkeypatch):
     for k in (0, 2):
         one = solve_system(H[k], lam[k], 1.0, 1.0)
         assert int(one.kind) == int(sc.kind[k])
-        torch.testing.assert_close(one.alpha, sc.alpha[k], rtol=1e-12, atol=0)
+        torch.testing.assert_close(one.scale_B, sc.scale_B[k], rtol=1e-12, atol=0)
     # the scalar answer of layer 1 is the 2-variable NNLS optimum (Eᵀλ = X_sᵀ y, so scipy can solve it explicitly)
     Xs = torch.stack([X[1][:, :r].sum(-1), X[1][:, r:].sum(-1)], -1)
     ws, _ = nnls(Xs.numpy(), y[1].numpy())
     f_best = float(objective(H[1], lam[1], torch.from_numpy(ws).repeat_interleave(r)))
-    v = v_from_scales(sc.alpha[1], sc.beta[1], 1.0, 1.0)
+    v = v_from_scales(sc.scale_B[1], sc.scale_A[1], 1.0, 1.0)
     assert float(objective(H[1], lam[1], v)) == pytest.approx(f_best, rel=1e-10)
 
 
@@ -579,4 +579,4 @@ def test_unbounded_inconsistent_system_is_identity():
     lam = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=F64)
     sc = solve_system(H, lam, 1.0, 1.0)
     assert int(sc.kind) == IDENTITY
-    assert (sc.alpha == 1).all() and (sc.beta == 1).all()
+    assert (sc.scale_B == 1).all() and (sc.scale_A == 1).all()

@@ -2,7 +2,8 @@
 
 Before the wrapped optimiser's ordinary step, every `interval` steps and for every LoRA layer (docs/scalora.md):
 
-1. solve the optimal column scales α (columns of B) and β (rows of A) from A, B and their gradients
+1. solve the optimal scales α (``scale_B``, the columns of B) and β (``scale_A``, the rows of A) from A, B and their
+   gradients
    (`scalora.scaling_problem`, `scalora.solver`, batched over layers of one shape);
 2. merge the residual into the frozen weight, W0 ← W0 + s B diag(1 − α⊙β) A, so W is unchanged;
 3. rescale B ← B diag(α), A ← diag(β) A, their gradients g_B ← g_B diag(β), g_A ← diag(α) g_A, and the
@@ -40,7 +41,8 @@ _STAT_FIELDS = {"column": 0.0, "scalar": 0.0, "identity": 0.0, "alpha_mean": 1.0
 
 class ScalingStats:
     """What a scaling step did: fractions of `layers` solved by column / scalar / identity scaling, and the mean and
-    spread (population standard deviation) of α and β over all their entries.
+    spread (population standard deviation) of the scales over all their entries: ``alpha_*`` of α (``scale_B``, the
+    columns of lora_B), ``beta_*`` of β (``scale_A``, the rows of lora_A), the names written to metrics.jsonl.
 
     ``refused`` is the fraction of layers whose fold would have overflowed their fp16 base weight: those were left
     untouched for the step (and named in a warning when the statistics are read).
@@ -202,20 +204,21 @@ class ScaLoRA(OptimizerWrapper):
             # layers of one shape and one pair of parameter groups (so one learning rate) are solved together
             key = (tuple(A.shape), tuple(B.shape), A.dtype, A.device, id(group_of[id(A)]), id(group_of[id(B)]))
             groups[key].append(i)
-        kinds, alphas, betas = [], [], []
+        kinds, scales_B, scales_A = [], [], []
         refused: list[tuple[str, torch.Tensor]] = []
         for indices in groups.values():
             layers = [self.layers[i][1] for i in indices]
             scales, A = self._solve(tuple(indices), group_of[id(layers[0].lora_A)], group_of[id(layers[0].lora_B)])
             keep = scales.kind != IDENTITY
             for k, (i, layer) in enumerate(zip(indices, layers, strict=True)):
-                flag = self._apply(layer, A[k], scales.alpha[k], scales.beta[k], keep[k], self._fold_generator(i))
+                flag = self._apply(layer, A[k], scales.scale_B[k], scales.scale_A[k], keep[k],
+                                   self._fold_generator(i))
                 if flag is not None:
                     refused.append((self.layers[i][0], flag))
             kinds.append(scales.kind)
-            alphas.append(scales.alpha.flatten())
-            betas.append(scales.beta.flatten())
-        self.last_stats = self._stats(kinds, alphas, betas, refused)
+            scales_B.append(scales.scale_B.flatten())
+            scales_A.append(scales.scale_A.flatten())
+        self.last_stats = self._stats(kinds, scales_B, scales_A, refused)
         return self.last_stats
 
     def _fold_generator(self, index: int) -> torch.Generator | None:
@@ -260,10 +263,11 @@ class ScaLoRA(OptimizerWrapper):
         return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second,
                             lr=group_A["lr"], tau=self.tau), A
 
-    def _apply(self, layer: LoraFactors, A_whole: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+    def _apply(self, layer: LoraFactors, A_whole: torch.Tensor, scale_B: torch.Tensor, scale_A: torch.Tensor,
                keep: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
         """Merge s·B diag(1 − α⊙β) A into W0 (rounded stochastically with `generator` when given), then
-        B ← B diag(α), A ← diag(β) A, and their gradients and moments. `A_whole` is lora_A's value, whole.
+        B ← B diag(α), A ← diag(β) A, and their gradients and moments; α = `scale_B`, β = `scale_A`. `A_whole` is
+        lora_A's value, whole.
 
         Where `keep` (a 0-dim bool tensor) is False the solve was the identity (α = β = 1): the fold adds exact zeros
         (both factors are masked, so a NaN in them cannot reach W0) and every multiplication is by 1. An fp16 base
@@ -276,37 +280,37 @@ class ScaLoRA(OptimizerWrapper):
             check_moments(self.optimizer.state.get(A, {}))
         # under FSDP2 this rank holds some rows of W0, B and A (`scalora.sharded`)
         rows, B_local = local_rows(A), local(B)
-        piece_B = torch.where(keep, B_local * (layer.scaling * (1.0 - alpha * beta)).to(B.dtype), 0.0)
+        piece_B = torch.where(keep, B_local * (layer.scaling * (1.0 - scale_B * scale_A)).to(B.dtype), 0.0)
         piece_A = torch.where(keep, A_whole, 0.0)
         refused = None
         if layer.weight.dtype == torch.float16:  # bf16 and fp32 share fp32's range: a finite fold cannot overflow
             refused = ~layer.fold_finite(piece_B, piece_A)
             keep = keep & ~refused
-            alpha, beta = torch.where(keep, alpha, 1.0), torch.where(keep, beta, 1.0)
+            scale_B, scale_A = torch.where(keep, scale_B, 1.0), torch.where(keep, scale_A, 1.0)
             piece_B, piece_A = torch.where(keep, piece_B, 0.0), torch.where(keep, piece_A, 0.0)
         layer.fold_(piece_B, piece_A, generator)
-        alpha_b, beta_a = alpha.to(B.dtype), beta.to(A.dtype)
-        B_local.mul_(alpha_b)
-        local(A).mul_(beta_a[rows, None])
-        local(B.grad).mul_(beta_a)  # ∂ℓ/∂B̃ = g_B diag(β)
-        local(A.grad).mul_(alpha_b[rows, None])  # ∂ℓ/∂Ã = diag(α) g_A
+        scale_B, scale_A = scale_B.to(B.dtype), scale_A.to(A.dtype)
+        B_local.mul_(scale_B)
+        local(A).mul_(scale_A[rows, None])
+        local(B.grad).mul_(scale_A)  # ∂ℓ/∂B̃ = g_B diag(β)
+        local(A.grad).mul_(scale_B[rows, None])  # ∂ℓ/∂Ã = diag(α) g_A
         if self.transfer_moments:
-            scale_moments(local_state(self.optimizer.state.get(B, {})), beta_a)
-            scale_moments(local_state(self.optimizer.state.get(A, {})), alpha_b[rows, None])
+            scale_moments(local_state(self.optimizer.state.get(B, {})), scale_A)
+            scale_moments(local_state(self.optimizer.state.get(A, {})), scale_B[rows, None])
         return refused
 
-    def _stats(self, kinds: list[torch.Tensor], alphas: list[torch.Tensor], betas: list[torch.Tensor],
+    def _stats(self, kinds: list[torch.Tensor], scales_B: list[torch.Tensor], scales_A: list[torch.Tensor],
                refused: list[tuple[str, torch.Tensor]]) -> ScalingStats:
         """The step's statistics as one device tensor (nothing is read back here)."""
         if not kinds:
             return ScalingStats(step=self.num_steps)
         kind = torch.cat(kinds)
-        alpha, beta = torch.cat(alphas).double(), torch.cat(betas).double()
+        scale_B, scale_A = torch.cat(scales_B).double(), torch.cat(scales_A).double()
         self._identity_total = self._identity_total + (kind == IDENTITY).sum()
         n_refused = torch.stack([flag for _, flag in refused]).sum() if refused else kind.new_zeros(())
         values = torch.stack([(kind == COLUMN).double().mean(), (kind == SCALAR).double().mean(),
-                              (kind == IDENTITY).double().mean(), alpha.mean(), alpha.std(unbiased=False),
-                              beta.mean(), beta.std(unbiased=False), n_refused.double() / kind.numel()])
+                              (kind == IDENTITY).double().mean(), scale_B.mean(), scale_B.std(unbiased=False),
+                              scale_A.mean(), scale_A.std(unbiased=False), n_refused.double() / kind.numel()])
         return ScalingStats(step=self.num_steps, layers=kind.numel(), values=values, refused=refused)
 
     # ------------------------------------------------------------------ checkpoints

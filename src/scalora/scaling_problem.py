@@ -166,10 +166,11 @@ def objective(H: Tensor, lam: Tensor, v: Tensor) -> Tensor:
     return (v.unsqueeze(-2) @ H @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1) - 2.0 * (lam * v).sum(-1)
 
 
-def v_from_scales(alpha: Tensor, beta: Tensor, scaling: float | Tensor, c: float | Tensor) -> Tensor:
-    """v = c s² [α²; β²] (…, 2r): the variable of the quadratic for given scales."""
-    cs2 = _cs2(c, scaling, alpha)
-    return cs2 * torch.cat([alpha.square(), beta.square()], dim=-1)
+def v_from_scales(scale_B: Tensor, scale_A: Tensor, scaling: float | Tensor, c: float | Tensor) -> Tensor:
+    """v = c s² [α²; β²] (…, 2r): the variable of the quadratic for the scales α = `scale_B` of the columns of
+    ``lora_B`` and β = `scale_A` of the rows of ``lora_A``."""
+    cs2 = _cs2(c, scaling, scale_B)
+    return cs2 * torch.cat([scale_B.square(), scale_A.square()], dim=-1)
 
 
 def scales_from_v(

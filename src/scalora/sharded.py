@@ -11,9 +11,9 @@ only (`scalora.scaling_problem.optimizer_system`):
   all-reduce per group of layers), it is the system of the whole layer. The α block of λ (rowdot over A) is already
   whole on every rank and is not summed.
 
-Every rank then solves the same system to the same scales, folds s·B_local diag(1 − α⊙β) A into its own rows of W0,
-rescales its rows of B (all r columns) and its rows of A (the β entries of those rows), and transforms the moments
-on their shards. Nothing of size out × in travels.
+Every rank then solves the same system to the same scales (α of the columns of B, β of the rows of A), folds
+s·B_local diag(1 − α⊙β) A into its own rows of W0, rescales its rows of B (all r columns) and its rows of A (the β
+entries of those rows), and transforms the moments on their shards. Nothing of size out × in travels.
 """
 
 from __future__ import annotations

@@ -44,12 +44,13 @@ DEFAULT_TAU = 0.3
 class Scales:
     """Per-layer ScaLoRA scales.
 
-    alpha: (n, r) multiplies the columns of ``lora_B`` (P); beta: (n, r) multiplies the rows of ``lora_A`` (Qᵀ).
-    kind: (n,) int64, one of COLUMN (0), SCALAR (1), IDENTITY (2). For unbatched (2-D) inputs the leading n is absent.
+    scale_B: (n, r), α in the paper, multiplies the columns of ``lora_B`` (P); scale_A: (n, r), β in the paper,
+    multiplies the rows of ``lora_A`` (Qᵀ). kind: (n,) int64, one of COLUMN (0), SCALAR (1), IDENTITY (2). For
+    unbatched (2-D) inputs the leading n is absent.
     """
 
-    alpha: Tensor
-    beta: Tensor
+    scale_B: Tensor
+    scale_A: Tensor
     kind: Tensor
 
 
@@ -245,19 +246,20 @@ def solve_system(
         v = v_s
 
     c_n = auto_c(H, v, second.reshape(n), s, lr, tau) if auto else _per_layer(c, n, dt, dev, "c").squeeze(-1)
-    alpha, beta = scales_from_v(v, s, c_n, power=power)
-    ones = torch.ones_like(alpha)
-    alpha = torch.where(deg[:, :r], ones, alpha)
-    beta = torch.where(deg[:, r:], ones, beta)
-    ident = ~finite | ~any_free | ~torch.isfinite(c_n) | ~(torch.isfinite(alpha).all(-1) & torch.isfinite(beta).all(-1))
-    alpha = torch.where(ident[:, None], ones, alpha)
-    beta = torch.where(ident[:, None], ones, beta)
+    scale_B, scale_A = scales_from_v(v, s, c_n, power=power)
+    ones = torch.ones_like(scale_B)
+    scale_B = torch.where(deg[:, :r], ones, scale_B)
+    scale_A = torch.where(deg[:, r:], ones, scale_A)
+    ident = (~finite | ~any_free | ~torch.isfinite(c_n)
+             | ~(torch.isfinite(scale_B).all(-1) & torch.isfinite(scale_A).all(-1)))
+    scale_B = torch.where(ident[:, None], ones, scale_B)
+    scale_A = torch.where(ident[:, None], ones, scale_A)
     kind = torch.full((n,), SCALAR, dtype=torch.int64, device=dev)
     kind = torch.where(col_ok, torch.full_like(kind, COLUMN), kind)
     kind = torch.where(ident, torch.full_like(kind, IDENTITY), kind)
     if not batched:
-        return Scales(alpha[0], beta[0], kind[0])
-    return Scales(alpha, beta, kind)
+        return Scales(scale_B[0], scale_A[0], kind[0])
+    return Scales(scale_B, scale_A, kind)
 
 
 def solve_scales(
@@ -292,12 +294,12 @@ def solve_scales(
          unconstrained entry means that scale is 0).
       5. α = sqrt(v[:r] / (c s²)), β = sqrt(v[r:] / (c s²)); degenerate indices 1. Any non-finite result → identity.
 
-    α multiplies the columns of ``lora_B``, β the rows of ``lora_A``.
+    α (``Scales.scale_B``) multiplies the columns of ``lora_B``, β (``Scales.scale_A``) the rows of ``lora_A``.
     """
     A, B, grad_A, grad_B, batched = batch_inputs(A, B, grad_A, grad_B)
     dt = compute_dtype(dtype, A, B, grad_A, grad_B)
     H, lam = scaling_system(A, B, grad_A, grad_B, dtype=dt)
     out = solve_system(H, lam, scaling, c, mode=mode, eps=eps)
     if not batched:
-        return Scales(out.alpha[0], out.beta[0], out.kind[0])
+        return Scales(out.scale_B[0], out.scale_A[0], out.kind[0])
     return out
