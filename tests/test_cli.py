@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalora import cli
+from scalora import cli_compare
 from scalora.cli import build_parser, main
-from scalora.cli_options import parse_target_modules
+from scalora.cli_options import parse_target_modules, training_values
 from scalora.train import assets
 from scalora.train.compare import error_line, option_flag, to_argv
 from scalora.train.config import TrainConfig
@@ -121,7 +121,7 @@ def test_flags_round_trip() -> None:
     values = {"method": "scalora", "lr": 0.0003, "max_grad_norm": None, "target_modules": ["query", "value"],
               "progress": False, "resume": True, "steps": 7, "scalora_mode": "scalar", "train_file": "a.jsonl"}
     args = build_parser().parse_args(["train", *to_argv(values)])
-    assert cli.training_values(args) == values
+    assert training_values(args) == values
 
 
 def test_target_modules_spec() -> None:
@@ -352,9 +352,9 @@ def test_demo_uses_one_thread_on_a_busy_machine(monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 7.0, 6.0))
-    assert cli._busy_machine_threads() == 1 and "busy (load 7.5 on 2 CPUs)" in capsys.readouterr().out
+    assert cli_compare._busy_machine_threads() == 1 and "busy (load 7.5 on 2 CPUs)" in capsys.readouterr().out
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
-    assert cli._busy_machine_threads() is None
+    assert cli_compare._busy_machine_threads() is None
 
 
 def test_error_line() -> None:
@@ -393,9 +393,9 @@ def test_assets_fetch_errors(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_demo_fetches_the_assets_of_its_model_and_task() -> None:
-    assert cli._required_assets({"model": "minilm", "task": "sarcasm"}) == ["minilm", "evals"]
-    assert cli._required_assets({"model": "./mine", "task": "gsm"}) == ["reasoning-gym"]
-    assert cli._required_assets({"model": "./mine", "task": None}) == []
+    assert cli_compare.required_assets({"model": "minilm", "task": "sarcasm"}) == ["minilm", "evals"]
+    assert cli_compare.required_assets({"model": "./mine", "task": "gsm"}) == ["reasoning-gym"]
+    assert cli_compare.required_assets({"model": "./mine", "task": None}) == []
 
 
 @pytest.mark.slow
