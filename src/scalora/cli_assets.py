@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from scalora.errors import ConfigError
-from scalora.train import assets, report
+from scalora.train import asset_fetch, assets, report
 
 __all__ = ["cmd_assets_fetch", "cmd_assets_status"]
 
@@ -52,5 +52,5 @@ def cmd_assets_fetch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if name in present and not args.force:
             print(f"{name}: already present ({assets.path(name)})")
         else:
-            print(f"{name}: ready at {assets.ensure(name, force=args.force, quiet=args.quiet)}")
+            print(f"{name}: ready at {asset_fetch.ensure(name, force=args.force, quiet=args.quiet)}")
     return 0

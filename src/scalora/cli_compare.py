@@ -14,7 +14,7 @@ from typing import Any
 from scalora.cli_options import training_values
 from scalora.cli_train import EXIT_INTERRUPTED, resume_command
 from scalora.errors import ConfigError
-from scalora.train import assets
+from scalora.train import asset_fetch
 from scalora.train.compare import parse_list, plan_jobs, run_comparison
 from scalora.train.config import TrainConfig
 from scalora.train.demo import rank_demo
@@ -105,7 +105,7 @@ def cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
           f"Plot: {output_dir / 'rank_decides' / 'rank_decides.png'}\n")
     print("2. A real model on real data, where rank does not decide: MiniLM on sarcasm headlines", flush=True)
     for name in required_assets(values):  # before the parallel runs, so that each asset is fetched once
-        print(f"asset {name}: present ({assets.ensure(name, quiet=not args.verbose)})")
+        print(f"asset {name}: present ({asset_fetch.ensure(name, quiet=not args.verbose)})")
     resume_hint = shlex.join(["scalora", *[a for a in argv if a != "--overwrite"], "--resume"])
     code = _compare(args, argv, values, "runs/demo", resume_hint)
     if code != EXIT_INTERRUPTED:

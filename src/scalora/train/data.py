@@ -278,9 +278,9 @@ def gsm_examples(size: int, seed: int) -> list[dict[str, Any]]:
     try:
         import reasoning_gym
     except ImportError:  # first use: install the pinned, verified wheel
-        from scalora.train import assets
+        from scalora.train import asset_fetch
 
-        assets.ensure("reasoning-gym")
+        asset_fetch.ensure("reasoning-gym")
         import reasoning_gym
     out = []
     for item in reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed):

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 
 from scalora.errors import ScaloraError
-from scalora.train import assets
+from scalora.train import asset_fetch, assets
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -114,7 +114,7 @@ def _smollm2_folder() -> Path:
     converted = assets.folder("smollm2-135m") / _CONVERTED
     if (converted / "config.json").is_file():
         return converted
-    gguf = assets.ensure("smollm2-135m")
+    gguf = asset_fetch.ensure("smollm2-135m")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -164,7 +164,7 @@ def load_model(
             model, tokenizer = _from_pretrained(_smollm2_folder(), kind, num_labels, dtype)
             tokenizer.eos_token = SMOLLM2_EOS
         else:
-            model, tokenizer = _from_pretrained(assets.ensure(alias.asset), kind, num_labels, dtype)
+            model, tokenizer = _from_pretrained(asset_fetch.ensure(alias.asset), kind, num_labels, dtype)
         ensure_pad_token(model, tokenizer)
         return model, tokenizer
 

@@ -73,9 +73,9 @@ class BuiltinTask:
 
 
 def _evals_root() -> Path:
-    from scalora.train import assets
+    from scalora.train import asset_fetch
 
-    return assets.ensure("evals")
+    return asset_fetch.ensure("evals")
 
 
 def _load_sarcasm(train_size: int | None, eval_size: int, seed: int, **_: Any) -> Task:
