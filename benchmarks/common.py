@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scalora.train.report import finished_summary, read_metrics
+from scalora.train.results import finished_summary, read_metrics
 from scalora.train.rundir import METRICS
 
 

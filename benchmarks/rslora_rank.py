@@ -46,7 +46,7 @@ if str(_HERE) not in sys.path:  # loaded from a test rather than run as a script
 
 import common  # noqa: E402
 
-from scalora.train.report import running_mean  # noqa: E402
+from scalora.train.results import running_mean  # noqa: E402
 
 METHODS = ("lora", "rslora")
 SCALE_LABEL = {"lora": "s = α/r (lora)", "rslora": "s = α/√r (rslora)"}

@@ -65,9 +65,9 @@ if str(_HERE) not in sys.path:  # loaded from a test rather than run as a script
 
 import common  # noqa: E402
 
-from scalora.train import report  # noqa: E402
+from scalora.train import results as run_results  # noqa: E402
 from scalora.train.registry import METHODS as REGISTRY  # noqa: E402
-from scalora.train.report import mean_std  # noqa: E402
+from scalora.train.results import mean_std  # noqa: E402
 
 METHODS = tuple(REGISTRY)
 CORE_METHODS = ("full", "lora", "scalora")
@@ -227,7 +227,7 @@ def finished_summary(run: Run) -> dict[str, Any] | None:
     """The run's summary when it finished with the same configuration (else None: it must be (re)run)."""
     from scalora.train.config import TrainConfig
 
-    return report.finished_summary(run.folder, TrainConfig.from_dict(run.cfg))
+    return run_results.finished_summary(run.folder, TrainConfig.from_dict(run.cfg))
 
 
 def run_in_process(cfg: dict[str, Any], threads: int | None) -> dict[str, Any]:
@@ -436,7 +436,7 @@ def assemble(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
     window = args.window
     done = [r for r in runs if r.summary is not None]
     for run in done:
-        rows = report.read_metrics(run.folder)
+        rows = run_results.read_metrics(run.folder)
         run.curves = curves_of(rows, run.summary["metric"])
     by: dict[tuple[str, str], list[Run]] = {}
     for run in done:

@@ -17,7 +17,7 @@ from typing import Any
 
 from scalora.cli_options import training_values
 from scalora.errors import ConfigError, ScaloraError
-from scalora.train import report
+from scalora.train import report, results
 from scalora.train.compare import config_from_values
 from scalora.train.config import TrainConfig
 from scalora.train.tasks import BUILTIN_TASKS
@@ -106,7 +106,7 @@ def _evaluation_target(args: argparse.Namespace) -> tuple[str, dict[str, Any], P
         if clash:
             raise ConfigError(f"--run takes the model, task and weights from the run; drop {', '.join(clash)}.")
         run = Path(args.run)
-        summary = report.read_summary(run)
+        summary = results.read_summary(run)
         if summary is None or not isinstance(summary.get("config"), dict):
             if _checkpoint_state(run) is not None:
                 raise ScaloraError(f"the run in {run} has not finished (it has a checkpoint but no summary.json); "

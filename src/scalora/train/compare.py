@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from scalora.errors import ConfigError, ScaloraError
-from scalora.train import checkpoint, report
+from scalora.train import checkpoint, report, results
 from scalora.train.config import TrainConfig
 from scalora.train.loop import METRICS
 from scalora.train.registry import METHODS
@@ -195,7 +195,7 @@ class _Progress:
             fresh = path.stat().st_mtime >= self.started - 1.0  # not the file of an earlier run being replaced
         except OSError:
             fresh = False
-        rows = [r for r in report.read_metrics(self.job.output_dir) if r.get("step", 0) > self.step] if fresh else []
+        rows = [r for r in results.read_metrics(self.job.output_dir) if r.get("step", 0) > self.step] if fresh else []
         total = self.job.config.steps
         evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
         for row in evals:
@@ -265,7 +265,7 @@ def _run_job(job: Job, *, resume: bool, progress: bool, verbose: bool, threads: 
         _echo(log_path, echoed)
     seconds = time.monotonic() - start
     text = log_path.read_text(errors="replace")
-    summary = report.read_summary(job.output_dir)
+    summary = results.read_summary(job.output_dir)
     if proc.returncode == 0 and summary is not None:
         return Outcome(job, "ok", summary, returncode=0, seconds=seconds)
     status = "interrupted" if proc.returncode in (130, -signal.SIGINT) else "failed"
@@ -308,7 +308,7 @@ def run_comparison(jobs: Sequence[Job], output_dir: Path, *, resume: bool = Fals
     outcomes: list[Outcome] = []
     for i, job in enumerate(jobs, start=1):
         if resume:
-            summary = report.finished_summary(job.output_dir, job.config)
+            summary = results.finished_summary(job.output_dir, job.config)
             if summary is not None:
                 log(f"[{i}/{len(jobs)}] {job.label}: already finished in {job.output_dir}, reusing it")
                 outcomes.append(Outcome(job, "reused", summary, returncode=0))
