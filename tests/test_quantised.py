@@ -246,3 +246,26 @@ def test_side_rank_is_checked() -> None:
     model, _ = _pair("nf4")
     with pytest.raises(ConfigError, match="side_rank"):
         ScaLoRA(model, torch.optim.AdamW(model.parameters()), side_rank=0)
+
+
+@needs_bnb
+def test_a_run_resumes_with_its_side_branch() -> None:
+    whole, _ = _pair("nf4")
+    _train(whole, 6, side_rank=4)
+    first, _ = _pair("nf4")
+    opt = _train(first, 3, side_rank=4)
+    resumed, _ = _pair("nf4")  # the same quantised weights; the adapters and branches come from the checkpoint
+    saved = {k: v for k, v in first.state_dict().items() if "lora_" in k or "side_branch" in k}
+    resumed.load_state_dict(saved, strict=False)
+    again = ScaLoRA(resumed, torch.optim.AdamW(resumed.parameters(), lr=1e-2), side_rank=4)
+    again.load_state_dict(opt.state_dict())
+    assert resumed.up.side_branch.rank == first.up.side_branch.rank == 4
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 32, generator=gen), torch.randn(16, 24, generator=gen)) for _ in range(6)]
+    for x, y in batches[3:]:
+        nn.functional.mse_loss(resumed(x), y).backward()
+        again.step()
+        again.zero_grad()
+    for name in ("up", "down"):
+        torch.testing.assert_close(effective_weight(getattr(resumed, name)), effective_weight(getattr(whole, name)),
+                                   rtol=1e-5, atol=1e-6)
