@@ -17,6 +17,7 @@ from scalora.layers import QuantisedLinear
 from scalora.optim import ScaLoRA
 from scalora.quantised import dequantise
 from scalora.rank import effective_weight
+from scalora.relora import ReLoRA
 from scalora.side_branch import SideBranch, compress, recompress
 
 try:
@@ -269,3 +270,25 @@ def test_a_run_resumes_with_its_side_branch() -> None:
     for name in ("up", "down"):
         torch.testing.assert_close(effective_weight(getattr(resumed, name)), effective_weight(getattr(whole, name)),
                                    rtol=1e-5, atol=1e-6)
+
+
+@needs_bnb
+def test_relora_folds_into_the_side_branch() -> None:
+    model, _ = _pair("nf4")
+    opt = ReLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2), reset_every=1000)
+    x = torch.randn(4, 32)
+    before = model(x)
+    opt.reset()
+    assert model.up.side_branch.rank == 2 and int(torch.count_nonzero(model.up.lora_B)) == 0  # B = 0: restarted
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+@needs_bnb
+def test_peft_layers_over_a_quantised_base_are_refused() -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = MLP()
+    model.up = _quantise(model.up, "nf4")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["up", "down"]))
+    with pytest.raises(ConfigError, match="'up' uses a bitsandbytes nf4 base weight.*scalora.apply_lora"):
+        ScaLoRA(model, torch.optim.AdamW(model.parameters()))

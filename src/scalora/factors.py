@@ -323,9 +323,10 @@ def _peft_factors(model: nn.Module) -> Iterator[tuple[str, LoraFactors]]:
 def _check_peft_layer(name: str, module: nn.Module, adapter: str, lora: ModuleType) -> None:
     """Refuse what is not W0 + s·B A over a plain floating-point weight."""
     what = None
-    if quantisation(getattr(module.get_base_layer(), "weight", None)) is not None:
-        what = ("a quantised base weight (PEFT's bitsandbytes layers); scalora.apply_lora adapts it with a side branch "
-                "that takes the folds")
+    kind = quantisation(getattr(module.get_base_layer(), "weight", None))
+    if kind is not None:
+        what = (f"a bitsandbytes {kind} base weight, which cannot take a fold (scalora.apply_lora adapts it with a "
+                f"side branch that takes them)")
     elif not isinstance(module, (lora.Linear, lora.Embedding)):
         what = f"a PEFT {type(module).__name__} layer (only Linear, GPT-2's Conv1D and Embedding are supported)"
     elif adapter in getattr(module, "lora_variant", {}):
