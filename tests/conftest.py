@@ -79,3 +79,34 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: the ways Python code reads a tensor back to the host (counted by `syncs`)
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def syncs(monkeypatch):
+    """A list that records (what, where) for every read-back and host-made tensor; `syncs.exempt` holds ids."""
+    log: list[str] = []
+    exempt: set[int] = set()
+
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            if id(self) not in exempt:
+                log.append(name)
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+
+        def from_host(data, *args, _name=name, _original=original, **kwargs):
+            if not isinstance(data, torch.Tensor):
+                log.append(f"torch.{_name}")
+            return _original(data, *args, **kwargs)
+        monkeypatch.setattr(torch, name, from_host)
+    log.clear()
+    return log, exempt

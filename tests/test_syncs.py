@@ -16,35 +16,6 @@ from scalora import LoraConfig, apply_lora
 from scalora.optim import ScaLoRA
 from scalora.relora import ReLoRA
 
-READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-
-
-@pytest.fixture
-def syncs(monkeypatch):
-    """A list that records (what, where) for every read-back and host-made tensor; `syncs.exempt` holds ids."""
-    log: list[str] = []
-    exempt: set[int] = set()
-
-    def counting(name, original):
-        def wrapper(self, *args, **kwargs):
-            if id(self) not in exempt:
-                log.append(name)
-            return original(self, *args, **kwargs)
-        return wrapper
-
-    for name in READS:
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
-    for name in ("tensor", "as_tensor"):
-        original = getattr(torch, name)
-
-        def from_host(data, *args, _name=name, _original=original, **kwargs):
-            if not isinstance(data, torch.Tensor):
-                log.append(f"torch.{_name}")
-            return _original(data, *args, **kwargs)
-        monkeypatch.setattr(torch, name, from_host)
-    log.clear()
-    return log, exempt
-
 
 def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Tiny Llama, r = 4 on every linear layer: four shapes (q/o 32×32, k/v 16×32, gate/up 64×32, down 32×64)."""

@@ -23,6 +23,8 @@ from torch import nn
 
 from scalora.errors import ConfigError
 from scalora.layers import Embedding, LoraLayer
+from scalora.quantised import quantisation
+from scalora.side_branch import SideBranch
 
 #: set on a layer (scalora's or PEFT's) whose base weight an optimiser wrapper merges updates into
 BASE_CHANGED = "scalora_base_changed"
@@ -88,6 +90,15 @@ class LoraFactors(ABC):
         """A view of W0 in (out, in) layout; writing to it writes the base weight."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    def base_weight_dense(self) -> torch.Tensor:
+        """W0 as the forward applies it, (out, in), for reading: a quantised W0 dequantised, with its side branch."""
+        return self.base_weight_oi()
+
+    @property
+    def side_branch(self) -> SideBranch | None:
+        """Where folds into a quantised W0 go (`scalora.side_branch`); None for a floating-point W0."""
+        return None
+
     @abstractmethod
     def fold_(self, B: torch.Tensor, A: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """W0 ← W0 + B A, Kahan-compensated once `enable_compensation` ran, else rounded stochastically with
@@ -123,7 +134,7 @@ class LoraFactors(ABC):
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer computes with, float64 (out, in): diag(a) W0 + s B A (W0 alone when not active)."""
-        weight = self.base_weight_oi().detach().double()
+        weight = self.base_weight_dense().detach().double()
         if not self.active:
             return weight
         if self.alpha_vector is not None:
@@ -178,6 +189,13 @@ class ScaloraFactors(LoraFactors):
 
     def base_weight_oi(self) -> torch.Tensor:
         return self.module.base_weight_oi()
+
+    def base_weight_dense(self) -> torch.Tensor:
+        return self.module.base_weight_dense()
+
+    @property
+    def side_branch(self) -> SideBranch | None:
+        return getattr(self.module, "side_branch", None)
 
     def fold_(self, B: torch.Tensor, A: torch.Tensor, generator: torch.Generator | None = None) -> None:
         self.module.fold_(B, A, generator)
@@ -305,7 +323,11 @@ def _peft_factors(model: nn.Module) -> Iterator[tuple[str, LoraFactors]]:
 def _check_peft_layer(name: str, module: nn.Module, adapter: str, lora: ModuleType) -> None:
     """Refuse what is not W0 + s·B A over a plain floating-point weight."""
     what = None
-    if not isinstance(module, (lora.Linear, lora.Embedding)):
+    kind = quantisation(getattr(module.get_base_layer(), "weight", None))
+    if kind is not None:
+        what = (f"a bitsandbytes {kind} base weight, which cannot take a fold (scalora.apply_lora adapts it with a "
+                f"side branch that takes them)")
+    elif not isinstance(module, (lora.Linear, lora.Embedding)):
         what = f"a PEFT {type(module).__name__} layer (only Linear, GPT-2's Conv1D and Embedding are supported)"
     elif adapter in getattr(module, "lora_variant", {}):
         what = f"PEFT's {type(module.lora_variant[adapter]).__name__} (DoRA or another LoRA variant)"

@@ -11,6 +11,7 @@ from torch import nn
 from scalora.config import ALL_LINEAR, LoraConfig
 from scalora.errors import ConfigError
 from scalora.layers import Conv1D, Embedding, LoraLayer, check_rank, lora_layer_class
+from scalora.quantised import unreadable
 from scalora.save_guard import guard_saves
 
 CONFIG_ATTR = "scalora_config"
@@ -58,6 +59,9 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> list[PlannedLayer]:
                 f"and nn.Embedding. Name one of those (see the list of targetable modules with "
                 f"scalora.targetable_modules(model))."
             )
+        reason = unreadable(getattr(module, "weight", None))
+        if reason is not None:
+            raise ConfigError(f"target module {name!r} {reason}.")
         r = config.rank_for(name)
         if layer_cls is Embedding:
             in_f, out_f = module.num_embeddings, module.embedding_dim
@@ -131,17 +135,23 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
     With ``unload=True`` (default) the wrappers are removed and a plain model is returned, equal in output to the
     adapted one (PEFT's ``merge_and_unload``). With ``unload=False`` the wrappers stay, marked merged, and
     `unmerge` can undo it. If any layer's result would be NaN or inf in its weight's dtype, `NonFiniteError` names
-    the layer and no weight is changed.
+    the layer and no weight is changed. Layers over a quantised base (`scalora.layers.QuantisedLinear`) become plain
+    ``nn.Linear`` layers in their adapter's dtype, so they need ``unload=True``.
     """
     layers = list(lora_layers(model))
     if not layers:
         raise ConfigError("this model has no LoRA adapters to merge.")
+    fixed = [name for name, layer in layers if not layer.merges_in_place]
+    if fixed and not unload:
+        raise ConfigError(f"layer {fixed[0]!r} has a quantised base weight, which cannot hold the merged update: "
+                          f"merge with unload=True, which replaces it by a plain nn.Linear.")
     for name, layer in layers:  # every layer first: a refused merge leaves the whole model as it was
         layer.check_merge(f"layer {name!r}")
     for name, layer in layers:
-        layer.merge()
         if unload:
-            _set_submodule(model, name, layer.base_layer)
+            _set_submodule(model, name, layer.merged_module())
+        else:
+            layer.merge()
     if unload and hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model

@@ -28,6 +28,7 @@ from scalora.factors import LoraFactors
 from scalora.moments import check_moments, check_transformable, scale_moments
 from scalora.scaling_problem import optimizer_system, scaling_system
 from scalora.sharded import is_sharded, local, local_rows, local_state, sum_partial, whole
+from scalora.side_branch import SideBranch, compress
 from scalora.solver import COLUMN, DEFAULT_TAU, IDENTITY, MODES, SCALAR, Scales, solve_system
 from scalora.wrapper import OptimizerWrapper
 
@@ -36,7 +37,7 @@ RULES = ("optimizer", "paper")
 
 #: the statistics of a scaling step, after `step` and `layers`, and their values before any layer was solved
 _STAT_FIELDS = {"column": 0.0, "scalar": 0.0, "identity": 0.0, "alpha_mean": 1.0, "alpha_std": 0.0,
-                "beta_mean": 1.0, "beta_std": 0.0, "refused": 0.0}
+                "beta_mean": 1.0, "beta_std": 0.0, "refused": 0.0, "side_residual": 0.0}
 
 
 class ScalingStats:
@@ -47,17 +48,21 @@ class ScalingStats:
     ``refused`` is the fraction of layers whose fold would have overflowed their fp16 base weight: those were left
     untouched for the step (and named in a warning when the statistics are read).
 
+    ``side_residual`` is, over the layers with a quantised base, the largest relative residual of the side branch
+    (`scalora.side_branch.SideBranch.residual`): what recompressions cut, over what the branch holds; 0 while every
+    branch holds the exact sum of its folds.
+
     `step` and `layers` are known on the host. The other fields (``column``, ``scalar``, ``identity``,
-    ``alpha_mean``, ``alpha_std``, ``beta_mean``, ``beta_std``, ``refused``) stay on the device as one tensor until
-    one of them, or `as_dict`, is read: that read is the step's only host–device synchronisation, and a step whose
-    statistics nobody reads makes none.
+    ``alpha_mean``, ``alpha_std``, ``beta_mean``, ``beta_std``, ``refused``, ``side_residual``) stay on the device
+    as one tensor until one of them, or `as_dict`, is read: that read is the step's only host–device
+    synchronisation, and a step whose statistics nobody reads makes none.
     """
 
     def __init__(self, step: int = 0, layers: int = 0, values: torch.Tensor | None = None,
                  refused: list[tuple[str, torch.Tensor]] | None = None) -> None:
         self.step = step
         self.layers = layers
-        self._values = values  # (8,) in the order of _STAT_FIELDS; None: nothing solved
+        self._values = values  # (9,) in the order of _STAT_FIELDS; None: nothing solved
         self._refused = refused or []  # (layer name, 0-dim bool "its fold was refused") of the fp16 layers
         self._host: dict[str, float] | None = None
 
@@ -108,6 +113,9 @@ class ScaLoRA(OptimizerWrapper):
             (`scalora.rounding`), which adds no memory and loses nothing on average; ``True``: Kahan-compensated, the
             rounding error kept in a buffer the size of each adapted weight (the exact sum, for twice the weights'
             memory); ``False``: to nearest (tiny folds vanish). ``benchmarks/bf16_drift.py`` measures the three.
+        side_rank: the capacity k of the side branch that takes the folds of every layer with a quantised base
+            (`scalora.side_branch`, docs/quantised.md): above it the branch is recompressed to its best rank-k
+            approximation and the cut is reported (``last_stats.side_residual``). Default: 4·r of each layer.
 
     Under FSDP2 (`fully_shard`) each rank solves from its shards (`scalora.sharded`); FSDP1 is refused.
 
@@ -129,6 +137,7 @@ class ScaLoRA(OptimizerWrapper):
         mode: str = "column",
         transfer_moments: bool = True,
         compensate: bool | None = None,
+        side_rank: int | None = None,
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ConfigError(f"interval must be a positive integer, got {interval!r}.")
@@ -141,6 +150,8 @@ class ScaLoRA(OptimizerWrapper):
             raise ConfigError(f"tau must be a positive number, got {tau!r}.")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
+        if side_rank is not None and (isinstance(side_rank, bool) or not isinstance(side_rank, int) or side_rank < 1):
+            raise ConfigError(f"side_rank must be a positive integer or None, got {side_rank!r}.")
         super().__init__(model, optimizer)
         check_transformable(optimizer)
         self.power = 2
@@ -154,6 +165,11 @@ class ScaLoRA(OptimizerWrapper):
         for name, layer in self.layers:
             if layer.alpha_vector is not None:
                 raise ConfigError(f"layer {name!r} has an α vector: ScaLoRA and α-LoRA cannot be combined.")
+            if layer.side_branch is not None and is_sharded(layer.lora_B):
+                raise ConfigError(f"layer {name!r} has a quantised base and is sharded by FSDP2; ScaLoRA keeps the "
+                                  f"folds of quantised bases only unsharded: train it under DDP.")
+            if layer.side_branch is not None and side_rank is not None:
+                layer.side_branch.capacity = side_rank
             if is_sharded(layer.weight) and (layer.fan_in_fan_out or compensate):
                 what = "a compensation buffer (compensate=True)" if compensate else "a weight stored (in, out)"
                 raise ConfigError(f"layer {name!r} is sharded by FSDP2 and needs {what}, which ScaLoRA supports only "
@@ -164,6 +180,7 @@ class ScaLoRA(OptimizerWrapper):
         self.tau = float(tau)
         self.mode = mode
         self.transfer_moments = transfer_moments
+        self.side_rank = side_rank
         self._identity_total: int | torch.Tensor = 0  # a device tensor once a step ran: read through identity_total
         self._scalings: dict[tuple, torch.Tensor] = {}  # per shape group and device: the layers' s, on that device
         self.last_stats = ScalingStats()
@@ -193,7 +210,8 @@ class ScaLoRA(OptimizerWrapper):
         """Solve α, β for every layer with gradients, merge the residual, rescale factors, gradients, moments.
 
         No host–device synchronisation: layers whose solve is the identity go through the same arithmetic with
-        their fold masked to zero, and the statistics stay on the device until read (`ScalingStats`).
+        their fold masked to zero, and the statistics stay on the device until read (`ScalingStats`). Side branches
+        of quantised bases that the folds took above their capacity are recompressed (`scalora.side_branch.compress`).
         """
         group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -218,7 +236,9 @@ class ScaLoRA(OptimizerWrapper):
             kinds.append(scales.kind)
             scales_B.append(scales.scale_B.flatten())
             scales_A.append(scales.scale_A.flatten())
-        self.last_stats = self._stats(kinds, scales_B, scales_A, refused)
+        branches = [layer.side_branch for _, layer in self.layers if layer.side_branch is not None]
+        compress(branches)
+        self.last_stats = self._stats(kinds, scales_B, scales_A, refused, branches)
         return self.last_stats
 
     def _fold_generator(self, index: int) -> torch.Generator | None:
@@ -300,7 +320,7 @@ class ScaLoRA(OptimizerWrapper):
         return refused
 
     def _stats(self, kinds: list[torch.Tensor], scales_B: list[torch.Tensor], scales_A: list[torch.Tensor],
-               refused: list[tuple[str, torch.Tensor]]) -> ScalingStats:
+               refused: list[tuple[str, torch.Tensor]], branches: list[SideBranch]) -> ScalingStats:
         """The step's statistics as one device tensor (nothing is read back here)."""
         if not kinds:
             return ScalingStats(step=self.num_steps)
@@ -308,15 +328,17 @@ class ScaLoRA(OptimizerWrapper):
         scale_B, scale_A = torch.cat(scales_B).double(), torch.cat(scales_A).double()
         self._identity_total = self._identity_total + (kind == IDENTITY).sum()
         n_refused = torch.stack([flag for _, flag in refused]).sum() if refused else kind.new_zeros(())
+        side = torch.stack([branch.residual()[1].to(kind.device) for branch in branches]).amax() if branches \
+            else scale_B.new_zeros(())
         values = torch.stack([(kind == COLUMN).double().mean(), (kind == SCALAR).double().mean(),
                               (kind == IDENTITY).double().mean(), scale_B.mean(), scale_B.std(unbiased=False),
-                              scale_A.mean(), scale_A.std(unbiased=False), n_refused.double() / kind.numel()])
+                              scale_A.mean(), scale_A.std(unbiased=False), n_refused.double() / kind.numel(), side])
         return ScalingStats(step=self.num_steps, layers=kind.numel(), values=values, refused=refused)
 
     # ------------------------------------------------------------------ checkpoints
     def settings(self) -> dict[str, Any]:
         return {"interval": self.interval, "rule": self.rule, "c": self.c, "tau": self.tau, "mode": self.mode,
-                "transfer_moments": self.transfer_moments}
+                "transfer_moments": self.transfer_moments, "side_rank": self.side_rank}
 
     def extra_state(self) -> dict[str, Any]:
         return {"identity_total": self.identity_total}

@@ -61,7 +61,7 @@ def rank_summary(infos: Sequence[RankInfo]) -> dict[str, float]:
 
 def snapshot_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of every LoRA layer's base weight, (out, in) layout, keyed by module name: take one before training."""
-    return {name: layer.base_weight_oi().detach().clone() for name, layer in lora_factors(model)}
+    return {name: layer.base_weight_dense().detach().clone() for name, layer in lora_factors(model)}
 
 
 def effective_weight(layer: LoraLayer | LoraFactors) -> torch.Tensor:

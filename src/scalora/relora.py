@@ -15,6 +15,7 @@ from torch import nn
 from scalora.errors import ConfigError
 from scalora.finite import first_false, nonfinite_error
 from scalora.moments import prune_moments
+from scalora.side_branch import compress
 from scalora.wrapper import OptimizerWrapper
 
 
@@ -50,6 +51,7 @@ class ReLoRA(OptimizerWrapper):
             layer.reset_lora_parameters()
             for p in (layer.lora_A, layer.lora_B):
                 prune_moments(self.optimizer.state.get(p, {}), self.prune)
+        compress(layer.side_branch for _, layer in self.layers if layer.side_branch is not None)
         self.resets += 1
 
     def settings(self) -> dict[str, Any]:
