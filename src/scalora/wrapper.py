@@ -70,6 +70,15 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return self.optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        name = type(self).__name__
+        raise ConfigError(f"the parameter groups of {name} are those of the optimiser it wraps and cannot be replaced, "
+                          f"as DeepSpeed's ZeRO does with its client optimiser: {name} cannot be DeepSpeed's client "
+                          f"optimiser. For ScaLoRA under ZeRO pass the plain optimiser to deepspeed.initialize and "
+                          f"call scalora.zero.ZeroScaLoRA(engine).before_step() between engine.backward(loss) and "
+                          f"engine.step().")
+
     @property
     def state(self) -> defaultdict:  # type: ignore[override]
         return self.optimizer.state
