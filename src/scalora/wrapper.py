@@ -36,7 +36,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if isinstance(optimizer, OptimizerWrapper):
             raise ConfigError(f"the optimiser is already wrapped in {type(optimizer).__name__}.")
-        self.layers: list[tuple[str, LoraFactors]] = lora_factors(model)
+        self.layers: list[tuple[str, LoraFactors]] = self.find_layers(model)
         if not self.layers:
             raise ConfigError("the model has no LoRA layers: add them with scalora.apply_lora(model, "
                               "scalora.LoraConfig(...)) or peft.get_peft_model(model, peft.LoraConfig(...)) first.")
@@ -65,6 +65,10 @@ class OptimizerWrapper(torch.optim.Optimizer):
         guard_saves(model)
         # torch.optim.Optimizer's bookkeeping (hooks, step profiling), without a second copy of the state.
         self.__setstate__({})
+
+    def find_layers(self, model: nn.Module) -> list[tuple[str, LoraFactors]]:
+        """The adapted layers the wrapper acts on: the model's own (`lora_factors`)."""
+        return lora_factors(model)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]

@@ -1,0 +1,125 @@
+"""ScaLoRA under DeepSpeed ZeRO on CPU (``DS_ACCELERATOR=cpu``, gloo), shared by tests/test_deepspeed.py.
+
+Every rank trains the tiny LoRA Llama of `dist_worker_common` in float32 with a DeepSpeed engine around plain AdamW
+and `scalora.zero.ZeroScaLoRA` between ``engine.backward`` and ``engine.step``, on its shard of the global batch, for
+each run of `RUNS`, and saves the whole model (gathered under ZeRO-3) and the number of layers each scaling step
+solved to ``OUTDIR/{run}_rank{R}.pt``. It then passes ScaLoRA itself as the client optimiser (the wrong usage) under
+ZeRO-2 and ZeRO-3 and saves the error each raised to ``OUTDIR/misuse_rank{R}.pt``. `train_single` trains the same
+model with `scalora.optim.ScaLoRA` in one process on the whole global batch.
+
+Launch with ``torch.multiprocessing.start_processes(spawn_entry, ...)``, or under torchrun
+(``python -m torch.distributed.run --nproc_per_node=2 tests/deepspeed_worker.py OUTDIR``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from dist_worker_common import (
+    LOCAL_BATCH,
+    LR,
+    STEPS,
+    build_model,
+    global_batch,
+    local_batch,
+    process_group,
+    rendezvous_on,
+)
+from tiny import train_steps
+
+from scalora.errors import ConfigError
+from scalora.optim import ScaLoRA
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported (in the functions below)
+
+#: run name → (ZeRO stage, extra zero_optimization settings). Under ZeRO-3 the tiny model's parameters are all below
+#: DeepSpeed's default persistence threshold (kept whole on every rank): "zero3" sets it to 0, so that every W0 and
+#: every factor is partitioned; "zero3_persistent" keeps the default.
+RUNS: dict[str, tuple[int, dict[str, Any]]] = {
+    "zero2": (2, {}),
+    "zero3": (3, {"stage3_param_persistence_threshold": 0}),
+    "zero3_persistent": (3, {}),
+}
+
+
+def config(stage: int, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"train_micro_batch_size_per_gpu": LOCAL_BATCH, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage, **extra}, "steps_per_print": 10**9}
+
+
+def output_path(outdir: str | Path, run: str, rank: int) -> Path:
+    return Path(outdir) / f"{run}_rank{rank}.pt"
+
+
+def train_single(world_size: int = 2) -> dict[str, torch.Tensor]:
+    """One process, no DeepSpeed, on the whole global batch."""
+    model = build_model(torch.float32)
+    train_steps(model, ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=LR)),
+                lambda step: global_batch(step, world_size), STEPS)
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def train_engine(stage: int, extra: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """The model and the layers solved per scaling step after `STEPS` steps under DeepSpeed with `ZeroScaLoRA`."""
+    import deepspeed
+
+    from scalora.zero import ZeroScaLoRA
+
+    model = build_model(torch.float32)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
+                                      config=config(stage, extra))
+    scalora = ZeroScaLoRA(engine)
+    layers = []
+    for step in range(STEPS):
+        ids = local_batch(step, rank, world_size)
+        engine.backward(engine(ids, labels=ids).loss)
+        layers.append(scalora.before_step().layers)
+        engine.step()
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+        state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return {"state": state, "layers": layers}
+
+
+def misuse(stage: int, rank: int, world_size: int) -> str:
+    """The error raised when ScaLoRA itself is DeepSpeed's client optimiser (which DeepSpeed accepts only with
+    ``zero_allow_untested_optimizer``)."""
+    import deepspeed
+
+    model = build_model(torch.float32)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=ScaLoRA(model, torch.optim.AdamW(model.parameters())),
+                                      config={**config(stage, {}), "zero_allow_untested_optimizer": True})
+    ids = local_batch(0, rank, world_size)
+    engine.backward(engine(ids, labels=ids).loss)
+    try:
+        engine.step()
+    except ConfigError as error:
+        return str(error)
+    return "no error"
+
+
+def run(rank: int, world_size: int, outdir: str | Path) -> None:
+    """One rank's work: join the gloo group, train every run of `RUNS`, then try the wrong usage."""
+    import deepspeed
+
+    with process_group(rank, world_size):
+        deepspeed.init_distributed(dist_backend="gloo")
+        for name, (stage, extra) in RUNS.items():
+            torch.save(train_engine(stage, extra, rank, world_size), output_path(outdir, name, rank))
+        torch.save({stage: misuse(stage, rank, world_size) for stage in (2, 3)}, output_path(outdir, "misuse", rank))
+
+
+def spawn_entry(rank: int, world_size: int, port: int, outdir: str) -> None:
+    """Target for ``torch.multiprocessing.start_processes`` (which passes the rank first)."""
+    rendezvous_on(port)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    run(rank, world_size, outdir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: deepspeed_worker.py OUTDIR")
+    run(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1])

@@ -1,0 +1,85 @@
+"""ScaLoRA under DeepSpeed ZeRO-2 and ZeRO-3 (`scalora.zero.ZeroScaLoRA`; CPU accelerator, gloo, two ranks) equals
+one process on the global batch; ScaLoRA passed as DeepSpeed's client optimiser is refused with a clear message.
+
+ZeRO runs in float32 here (its fp32 master weights and moments), so the comparison is the one of tests/test_ddp.py:
+each tensor relative to its largest entry. Only the order of the reductions differs from one process, and AdamW's
+m / √v turns that into errors of the same absolute size in entries with small gradients: plain LoRA under ZeRO-3
+already differs from one process by ~4e-5 of the largest entry (ZeRO-2: ~7e-6), ScaLoRA by ~3e-5 (ZeRO-2: ~1.4e-5),
+while ScaLoRA and plain LoRA differ by more than the largest entry itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+from pathlib import Path
+
+import dist_worker_common
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD_SIZE = 2
+TOLERANCE = 1e-4  # of the tensor's largest entry, float32
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                       reason="deepspeed is not installed (pip install --no-build-isolation deepspeed)"),
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch.distributed with gloo is not available"),
+]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    import deepspeed_worker
+
+    return deepspeed_worker
+
+
+@pytest.fixture(scope="module")
+def launched(worker, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both ranks' results for every run, from one torch.multiprocessing.start_processes (forked on Linux)."""
+    outdir = tmp_path_factory.mktemp("deepspeed")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+    mp.start_processes(worker.spawn_entry, args=(WORLD_SIZE, port, str(outdir)), nprocs=WORLD_SIZE, join=True,
+                       start_method=start_method)
+    return outdir
+
+
+@pytest.fixture(scope="module")
+def single(worker) -> dict[str, torch.Tensor]:
+    return worker.train_single(WORLD_SIZE)
+
+
+@pytest.mark.parametrize("run", ["zero2", "zero3", "zero3_persistent"])
+def test_zero_equals_one_process_on_the_global_batch(worker, launched: Path, single: dict[str, torch.Tensor],
+                                                     run: str) -> None:
+    start = dist_worker_common.build_model(torch.float32).state_dict()
+    ranks = [torch.load(worker.output_path(launched, run, rank)) for rank in range(WORLD_SIZE)]
+    folded = 0
+    for rank, result in enumerate(ranks):
+        assert result["layers"] == [dist_worker_common.LORA_LAYERS] * dist_worker_common.STEPS, f"rank {rank}"
+        assert result["state"].keys() == single.keys()
+        for name, expected in single.items():
+            diff = float((result["state"][name] - expected).abs().max())
+            assert diff <= TOLERANCE * float(expected.abs().max()), f"{name} on rank {rank}: {diff:.3g}"
+    for name, expected in single.items():
+        folded += "base_layer" in name and not torch.equal(expected, start[name])
+    assert folded == dist_worker_common.LORA_LAYERS, "ScaLoRA must have folded into every base weight"
+
+
+def test_scalora_as_the_client_optimiser_is_refused_with_a_clear_message(worker, launched: Path) -> None:
+    """ZeRO-2 replaces its client optimiser's parameter groups; ZeRO-3 steps it with no gradient in .grad. Both are
+    refused, naming what to do instead."""
+    for rank in range(WORLD_SIZE):
+        errors = torch.load(worker.output_path(launched, "misuse", rank))
+        assert "cannot be DeepSpeed's client optimiser" in errors[2]
+        assert "found no LoRA layer with gradients" in errors[3]
+        for message in errors.values():
+            assert "scalora.zero.ZeroScaLoRA(engine).before_step()" in message
