@@ -36,18 +36,19 @@ from scalora.optim import ScaLoRA
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported (in the functions below)
 
-#: run name → (ZeRO stage, extra zero_optimization settings). Under ZeRO-3 the tiny model's parameters are all below
-#: DeepSpeed's default persistence threshold (kept whole on every rank): "zero3" sets it to 0, so that every W0 and
-#: every factor is partitioned; "zero3_persistent" keeps the default.
-RUNS: dict[str, tuple[int, dict[str, Any]]] = {
-    "zero2": (2, {}),
-    "zero3": (3, {"stage3_param_persistence_threshold": 0}),
-    "zero3_persistent": (3, {}),
+#: run name → (ZeRO stage, extra zero_optimization settings, micro-batches per step, ScaLoRA's interval). Under ZeRO-3
+#: the tiny model's parameters are all below DeepSpeed's default persistence threshold (kept whole on every rank):
+#: "zero3" sets it to 0, so that every W0 and every factor is partitioned; "zero3_persistent" keeps the default.
+RUNS: dict[str, tuple[int, dict[str, Any], int, int]] = {
+    "zero2": (2, {}, 1, 1),
+    "zero3": (3, {"stage3_param_persistence_threshold": 0}, 1, 1),
+    "zero3_persistent": (3, {}, 1, 1),
+    "zero3_accumulation": (3, {"stage3_param_persistence_threshold": 0}, 2, 2),
 }
 
 
-def config(stage: int, extra: dict[str, Any]) -> dict[str, Any]:
-    return {"train_micro_batch_size_per_gpu": LOCAL_BATCH, "gradient_accumulation_steps": 1,
+def config(stage: int, extra: dict[str, Any], accumulation: int = 1) -> dict[str, Any]:
+    return {"train_micro_batch_size_per_gpu": LOCAL_BATCH, "gradient_accumulation_steps": accumulation,
             "zero_optimization": {"stage": stage, **extra}, "steps_per_print": 10**9}
 
 
@@ -55,30 +56,35 @@ def output_path(outdir: str | Path, run: str, rank: int) -> Path:
     return Path(outdir) / f"{run}_rank{rank}.pt"
 
 
-def train_single(world_size: int = 2) -> dict[str, torch.Tensor]:
-    """One process, no DeepSpeed, on the whole global batch."""
+def train_single(world_size: int = 2, accumulation: int = 1, interval: int = 1) -> dict[str, torch.Tensor]:
+    """One process, no DeepSpeed, on the whole global batch (all ranks' micro-batches of a step)."""
     model = build_model(torch.float32)
-    train_steps(model, ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=LR)),
-                lambda step: global_batch(step, world_size), STEPS)
+    train_steps(model, ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=LR), interval=interval),
+                lambda step: global_batch(step, world_size * accumulation), STEPS)
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
-def train_engine(stage: int, extra: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
-    """The model and the layers solved per scaling step after `STEPS` steps under DeepSpeed with `ZeroScaLoRA`."""
+def train_engine(stage: int, extra: dict[str, Any], accumulation: int, interval: int, rank: int,
+                 world_size: int) -> dict[str, Any]:
+    """The model, and the layers each optimiser step solved (None: no scaling step), after `STEPS` steps under
+    DeepSpeed with `ZeroScaLoRA`; micro-batch m of a step is shard m·world_size + rank of its global batch."""
     import deepspeed
 
     from scalora.zero import ZeroScaLoRA
 
     model = build_model(torch.float32)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
-                                      config=config(stage, extra))
-    scalora = ZeroScaLoRA(engine)
+                                      config=config(stage, extra, accumulation))
+    scalora = ZeroScaLoRA(engine, interval=interval)
     layers = []
     for step in range(STEPS):
-        ids = local_batch(step, rank, world_size)
-        engine.backward(engine(ids, labels=ids).loss)
-        layers.append(scalora.before_step().layers)
-        engine.step()
+        for micro in range(accumulation):
+            ids = local_batch(step, micro * world_size + rank, world_size * accumulation)
+            engine.backward(engine(ids, labels=ids).loss)
+            stats = scalora.before_step()
+            if micro == accumulation - 1:
+                layers.append(None if stats is None else stats.layers)
+            engine.step()
     with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
         state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     return {"state": state, "layers": layers}
@@ -107,8 +113,8 @@ def run(rank: int, world_size: int, outdir: str | Path) -> None:
 
     with process_group(rank, world_size):
         deepspeed.init_distributed(dist_backend="gloo")
-        for name, (stage, extra) in RUNS.items():
-            torch.save(train_engine(stage, extra, rank, world_size), output_path(outdir, name, rank))
+        for name, settings in RUNS.items():
+            torch.save(train_engine(*settings, rank, world_size), output_path(outdir, name, rank))
         torch.save({stage: misuse(stage, rank, world_size) for stage in (2, 3)}, output_path(outdir, "misuse", rank))
 
 

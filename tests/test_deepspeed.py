@@ -3,9 +3,10 @@ one process on the global batch; ScaLoRA passed as DeepSpeed's client optimiser 
 
 ZeRO runs in float32 here (its fp32 master weights and moments), so the comparison is the one of tests/test_ddp.py:
 each tensor relative to its largest entry. Only the order of the reductions differs from one process, and AdamW's
-m / √v turns that into errors of the same absolute size in entries with small gradients: plain LoRA under ZeRO-3
-already differs from one process by ~4e-5 of the largest entry (ZeRO-2: ~7e-6), ScaLoRA by ~3e-5 (ZeRO-2: ~1.4e-5),
-while ScaLoRA and plain LoRA differ by more than the largest entry itself.
+m / √v turns that into errors of the same absolute size in entries with small gradients. Measured after 6 steps, as a
+fraction of each tensor's largest entry, plain LoRA (AdamW) under DeepSpeed against one process / ScaLoRA under
+DeepSpeed against one process: ZeRO-2 7e-6 / 1.4e-5, ZeRO-3 4.2e-5 / 2.8e-5, ZeRO-3 with two micro-batches per step
+6.5e-5 / 1.2e-4; ScaLoRA and plain LoRA differ by more than the largest entry itself.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD_SIZE = 2
-TOLERANCE = 1e-4  # of the tensor's largest entry, float32
+TOLERANCE = 3e-4  # of the tensor's largest entry, float32
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -52,19 +53,18 @@ def launched(worker, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return outdir
 
 
-@pytest.fixture(scope="module")
-def single(worker) -> dict[str, torch.Tensor]:
-    return worker.train_single(WORLD_SIZE)
-
-
-@pytest.mark.parametrize("run", ["zero2", "zero3", "zero3_persistent"])
-def test_zero_equals_one_process_on_the_global_batch(worker, launched: Path, single: dict[str, torch.Tensor],
-                                                     run: str) -> None:
+@pytest.mark.parametrize("run", ["zero2", "zero3", "zero3_persistent", "zero3_accumulation"])
+def test_zero_equals_one_process_on_the_global_batch(worker, launched: Path, run: str) -> None:
+    """Gradient accumulation too: the run with two micro-batches per step rescales every second step."""
+    _, _, accumulation, interval = worker.RUNS[run]
+    single = worker.train_single(WORLD_SIZE, accumulation, interval)
     start = dist_worker_common.build_model(torch.float32).state_dict()
     ranks = [torch.load(worker.output_path(launched, run, rank)) for rank in range(WORLD_SIZE)]
+    solved = [None if step % interval else dist_worker_common.LORA_LAYERS
+              for step in range(1, dist_worker_common.STEPS + 1)]
     folded = 0
     for rank, result in enumerate(ranks):
-        assert result["layers"] == [dist_worker_common.LORA_LAYERS] * dist_worker_common.STEPS, f"rank {rank}"
+        assert result["layers"] == solved, f"rank {rank}"
         assert result["state"].keys() == single.keys()
         for name, expected in single.items():
             diff = float((result["state"][name] - expected).abs().max())

@@ -169,7 +169,7 @@ class ZeroScaLoRA:
     """ScaLoRA for a DeepSpeed engine under ZeRO-2 or ZeRO-3, in bf16 or fp32.
 
     ``deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), ...), config=...)`` with the
-    plain optimiser (Adam, AdamW or SGD), then ``scalora = ZeroScaLoRA(engine, **settings)`` with ScaLoRA's settings
+    plain optimiser (torch's Adam or AdamW), then ``scalora = ZeroScaLoRA(engine, **settings)`` with ScaLoRA's settings
     (`scalora.optim.ScaLoRA`: interval, rule, c, tau, mode, transfer_moments, compensate) and, every micro-step::
 
         engine.backward(loss)
