@@ -90,21 +90,28 @@ def train_engine(stage: int, extra: dict[str, Any], accumulation: int, interval:
     return {"state": state, "layers": layers}
 
 
-def misuse(stage: int, rank: int, world_size: int) -> str:
-    """The error raised when ScaLoRA itself is DeepSpeed's client optimiser (which DeepSpeed accepts only with
-    ``zero_allow_untested_optimizer``)."""
+def misuse(stage: int, rank: int, world_size: int) -> dict[str, str]:
+    """The errors raised when ScaLoRA itself is DeepSpeed's client optimiser (which DeepSpeed accepts only with
+    ``zero_allow_untested_optimizer``): by ``ZeroScaLoRA(engine)`` ("hook") and by ``engine.step()`` ("step")."""
     import deepspeed
+
+    from scalora.zero import ZeroScaLoRA
 
     model = build_model(torch.float32)
     engine, *_ = deepspeed.initialize(model=model, optimizer=ScaLoRA(model, torch.optim.AdamW(model.parameters())),
                                       config={**config(stage, {}), "zero_allow_untested_optimizer": True})
+    errors = {"hook": "no error", "step": "no error"}
+    try:
+        ZeroScaLoRA(engine)
+    except ConfigError as error:
+        errors["hook"] = str(error)
     ids = local_batch(0, rank, world_size)
     engine.backward(engine(ids, labels=ids).loss)
     try:
         engine.step()
     except ConfigError as error:
-        return str(error)
-    return "no error"
+        errors["step"] = str(error)
+    return errors
 
 
 def run(rank: int, world_size: int, outdir: str | Path) -> None:

@@ -15,12 +15,15 @@ import importlib.util
 import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import dist_worker_common
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from scalora import ConfigError
 
 WORLD_SIZE = 2
 TOLERANCE = 3e-4  # of the tensor's largest entry, float32
@@ -76,10 +79,21 @@ def test_zero_equals_one_process_on_the_global_batch(worker, launched: Path, run
 
 def test_scalora_as_the_client_optimiser_is_refused_with_a_clear_message(worker, launched: Path) -> None:
     """ZeRO-2 replaces its client optimiser's parameter groups; ZeRO-3 steps it with no gradient in .grad. Both are
-    refused, naming what to do instead."""
+    refused, naming what to do instead, and so is ZeroScaLoRA over an engine whose client optimiser is ScaLoRA."""
     for rank in range(WORLD_SIZE):
         errors = torch.load(worker.output_path(launched, "misuse", rank))
-        assert "cannot be DeepSpeed's client optimiser" in errors[2]
-        assert "found no LoRA layer with gradients" in errors[3]
-        for message in errors.values():
-            assert "scalora.zero.ZeroScaLoRA(engine).before_step()" in message
+        assert "cannot be DeepSpeed's client optimiser" in errors[2]["step"]
+        assert "found no LoRA layer with gradients" in errors[3]["step"]
+        for stage in (2, 3):
+            assert "scalora.zero.ZeroScaLoRA(engine).before_step()" in errors[stage]["step"]
+            assert "client optimiser is ScaLoRA: pass the plain optimiser" in errors[stage]["hook"]
+
+
+@pytest.mark.parametrize(("stage", "fp16", "match"), [(1, False, "supports ZeRO stages 2 and 3, not stage 1"),
+                                                      (3, True, "does not support DeepSpeed's fp16 mode")])
+def test_unsupported_engines_are_refused(stage: int, fp16: bool, match: str) -> None:
+    from scalora.zero import ZeroScaLoRA
+
+    engine = SimpleNamespace(zero_optimization_stage=lambda: stage, fp16_enabled=lambda: fp16)
+    with pytest.raises(ConfigError, match=match):
+        ZeroScaLoRA(engine)

@@ -29,6 +29,7 @@ from scalora.factors import LoraFactors, lora_factors
 from scalora.moments import MOMENT_KEYS, check_moments
 from scalora.optim import ScalingStats, ScaLoRA
 from scalora.rounding import stochastic_round
+from scalora.wrapper import OptimizerWrapper
 
 #: the ZeRO stages whose gradients are reduced and partitioned when ``engine.backward`` returns
 STAGES = (2, 3)
@@ -191,13 +192,15 @@ class ZeroScaLoRA:
                               "and overflowing steps are skipped): use bf16 or fp32.")
         self.engine = engine
         self.partitioned = stage == 3
-        zero = engine.optimizer
-        client = zero.optimizer
+        client = engine.optimizer.optimizer
+        if isinstance(client, OptimizerWrapper):
+            raise ConfigError(f"the engine's client optimiser is {type(client).__name__}: pass the plain optimiser "
+                              f"(torch.optim.AdamW) to deepspeed.initialize; ZeroScaLoRA does ScaLoRA's part.")
         if settings.get("compensate") and self.partitioned:
             raise ConfigError("compensate=True keeps a buffer the size of each whole base weight, which ZeRO-3 "
                               "partitions: leave compensate unset (stochastic rounding), or use ZeRO-2.")
         self._views = [(name, GatheredFactors(layer, self.partitioned)) for name, layer in lora_factors(engine.module)]
-        #: per gathered copy: the engine's parameter, and the index of its flat partition in `_flats`
+        #: per gathered copy: the engine's parameter, and the index of its flat partition (`_flat`)
         self._sources: dict[nn.Parameter, tuple[torch.Tensor, int]] = {}
         groups: dict[int, list[nn.Parameter]] = {}
         for _, view in self._views:
