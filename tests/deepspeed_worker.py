@@ -3,9 +3,10 @@
 Every rank trains the tiny LoRA Llama of `dist_worker_common` in float32 with a DeepSpeed engine around plain AdamW
 and `scalora.zero.ZeroScaLoRA` between ``engine.backward`` and ``engine.step``, on its shard of the global batch, for
 each run of `RUNS`, and saves the whole model (gathered under ZeRO-3) and the number of layers each scaling step
-solved to ``OUTDIR/{run}_rank{R}.pt``. It then passes ScaLoRA itself as the client optimiser (the wrong usage) under
-ZeRO-2 and ZeRO-3 and saves the error each raised to ``OUTDIR/misuse_rank{R}.pt``. `train_single` trains the same
-model with `scalora.optim.ScaLoRA` in one process on the whole global batch.
+solved to ``OUTDIR/{run}_rank{R}.pt``. In bf16 it saves how far the factors' working copies are from their fp32
+masters right after a scaling step (``OUTDIR/bf16_rank{R}.pt``). It then passes ScaLoRA itself as the client
+optimiser (the wrong usage) under ZeRO-2 and ZeRO-3 and saves the errors raised to ``OUTDIR/misuse_rank{R}.pt``.
+`train_single` trains the same model with `scalora.optim.ScaLoRA` in one process on the whole global batch.
 
 Launch with ``torch.multiprocessing.start_processes(spawn_entry, ...)``, or under torchrun
 (``python -m torch.distributed.run --nproc_per_node=2 tests/deepspeed_worker.py OUTDIR``).
@@ -90,6 +91,33 @@ def train_engine(stage: int, extra: dict[str, Any], accumulation: int, interval:
     return {"state": state, "layers": layers}
 
 
+def bf16_copies(stage: int, rank: int, world_size: int) -> float:
+    """In bf16, right after a scaling step (before ``engine.step``): the largest difference between a LoRA factor's
+    working copy and its fp32 master rounded to bf16, over all factors (0 when both hold the rescaled factors)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from scalora.factors import lora_factors
+    from scalora.zero import ZeroScaLoRA
+
+    model = build_model(torch.float32)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
+                                      config={**config(stage, {"stage3_param_persistence_threshold": 0}),
+                                              "bf16": {"enabled": True}})
+    scalora = ZeroScaLoRA(engine)
+    for step in range(2):
+        ids = local_batch(step, rank, world_size)
+        engine.backward(engine(ids, labels=ids).loss)
+        scalora.before_step()
+        if step == 0:
+            engine.step()
+    factors = [p for _, layer in lora_factors(model) for p in (layer.lora_A, layer.lora_B)]
+    masters = [safe_get_full_fp32_param(p).to(torch.bfloat16) for p in factors]
+    with deepspeed.zero.GatheredParameters(factors, enabled=stage == 3):
+        return max(float((p.detach() - master.view_as(p)).abs().max())
+                   for p, master in zip(factors, masters, strict=True))
+
+
 def misuse(stage: int, rank: int, world_size: int) -> dict[str, str]:
     """The errors raised when ScaLoRA itself is DeepSpeed's client optimiser (which DeepSpeed accepts only with
     ``zero_allow_untested_optimizer``): by ``ZeroScaLoRA(engine)`` ("hook") and by ``engine.step()`` ("step")."""
@@ -122,6 +150,7 @@ def run(rank: int, world_size: int, outdir: str | Path) -> None:
         deepspeed.init_distributed(dist_backend="gloo")
         for name, settings in RUNS.items():
             torch.save(train_engine(*settings, rank, world_size), output_path(outdir, name, rank))
+        torch.save({stage: bf16_copies(stage, rank, world_size) for stage in (2, 3)}, output_path(outdir, "bf16", rank))
         torch.save({stage: misuse(stage, rank, world_size) for stage in (2, 3)}, output_path(outdir, "misuse", rank))
 
 

@@ -77,6 +77,11 @@ def test_zero_equals_one_process_on_the_global_batch(worker, launched: Path, run
     assert folded == dist_worker_common.LORA_LAYERS, "ScaLoRA must have folded into every base weight"
 
 
+def test_in_bf16_the_working_copy_and_the_fp32_master_both_hold_the_rescaled_factors(worker, launched: Path) -> None:
+    for rank in range(WORLD_SIZE):
+        assert torch.load(worker.output_path(launched, "bf16", rank)) == {2: 0.0, 3: 0.0}
+
+
 def test_scalora_as_the_client_optimiser_is_refused_with_a_clear_message(worker, launched: Path) -> None:
     """ZeRO-2 replaces its client optimiser's parameter groups; ZeRO-3 steps it with no gradient in .grad. Both are
     refused, naming what to do instead, and so is ZeroScaLoRA over an engine whose client optimiser is ScaLoRA."""
