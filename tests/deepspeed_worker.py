@@ -20,32 +20,53 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dist_worker_common import (
-    LOCAL_BATCH,
-    LR,
-    STEPS,
-    build_model,
-    global_batch,
-    local_batch,
-    process_group,
-    rendezvous_on,
-)
-from tiny import train_steps
+from dist_worker_common import LENGTH, LOCAL_BATCH, LR, STEPS, VOCAB, build_model, process_group, rendezvous_on
+from tiny import tiny_gpt2, token_batch, train_steps
+from torch import nn
 
 from scalora.errors import ConfigError
 from scalora.optim import ScaLoRA
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported (in the functions below)
 
-#: run name → (ZeRO stage, extra zero_optimization settings, micro-batches per step, ScaLoRA's interval). Under ZeRO-3
-#: the tiny model's parameters are all below DeepSpeed's default persistence threshold (kept whole on every rank):
-#: "zero3" sets it to 0, so that every W0 and every factor is partitioned; "zero3_persistent" keeps the default.
-RUNS: dict[str, tuple[int, dict[str, Any], int, int]] = {
-    "zero2": (2, {}, 1, 1),
-    "zero3": (3, {"stage3_param_persistence_threshold": 0}, 1, 1),
-    "zero3_persistent": (3, {}, 1, 1),
-    "zero3_accumulation": (3, {"stage3_param_persistence_threshold": 0}, 2, 2),
+PARTITIONED = {"stage3_param_persistence_threshold": 0}
+
+#: run name → (model, ZeRO stage, extra zero_optimization settings, micro-batches per step, ScaLoRA's interval). Under
+#: ZeRO-3 the tiny models' parameters are all below DeepSpeed's default persistence threshold (kept whole on every
+#: rank): `PARTITIONED` sets it to 0, so that every W0 and every factor is partitioned; "zero3_persistent" keeps the
+#: default. "gpt2_peft" is PEFT's LoRA on GPT-2, whose Conv1D weights are stored (in, out).
+RUNS: dict[str, tuple[str, int, dict[str, Any], int, int]] = {
+    "zero2": ("llama", 2, {}, 1, 1),
+    "zero3": ("llama", 3, PARTITIONED, 1, 1),
+    "zero3_persistent": ("llama", 3, {}, 1, 1),
+    "zero3_accumulation": ("llama", 3, PARTITIONED, 2, 2),
+    "zero2_gpt2_peft": ("gpt2_peft", 2, {}, 1, 1),
+    "zero3_gpt2_peft": ("gpt2_peft", 3, PARTITIONED, 1, 1),
 }
+
+#: the vocabulary of each model's token batches
+VOCABS = {"llama": VOCAB, "gpt2_peft": 97}
+
+
+def build(model: str) -> nn.Module:
+    """The same float32 LoRA model in every process: `dist_worker_common`'s Llama, or PEFT's LoRA on GPT-2."""
+    if model == "llama":
+        return build_model(torch.float32)
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # PEFT initialises A from the global generator
+    config = LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"])
+    model = get_peft_model(tiny_gpt2(seed=0), config).train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0  # GPT-2's dropout draws differ between processes
+    return model
+
+
+def batch(model: str, step: int, shard: int, shards: int) -> torch.Tensor:
+    """Shard `shard` of `shards` of step `step`'s global batch (shards × LOCAL_BATCH sequences) for `model`."""
+    ids = token_batch(VOCABS[model], batch=shards * LOCAL_BATCH, length=LENGTH, seed=100 + step)
+    return ids[shard * LOCAL_BATCH:(shard + 1) * LOCAL_BATCH]
 
 
 def config(stage: int, extra: dict[str, Any], accumulation: int = 1) -> dict[str, Any]:
@@ -57,15 +78,17 @@ def output_path(outdir: str | Path, run: str, rank: int) -> Path:
     return Path(outdir) / f"{run}_rank{rank}.pt"
 
 
-def train_single(world_size: int = 2, accumulation: int = 1, interval: int = 1) -> dict[str, torch.Tensor]:
+def train_single(model_name: str, world_size: int = 2, accumulation: int = 1,
+                 interval: int = 1) -> dict[str, torch.Tensor]:
     """One process, no DeepSpeed, on the whole global batch (all ranks' micro-batches of a step)."""
-    model = build_model(torch.float32)
+    model = build(model_name)
+    shards = world_size * accumulation
     train_steps(model, ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=LR), interval=interval),
-                lambda step: global_batch(step, world_size * accumulation), STEPS)
+                lambda step: torch.cat([batch(model_name, step, k, shards) for k in range(shards)]), STEPS)
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
-def train_engine(stage: int, extra: dict[str, Any], accumulation: int, interval: int, rank: int,
+def train_engine(model_name: str, stage: int, extra: dict[str, Any], accumulation: int, interval: int, rank: int,
                  world_size: int) -> dict[str, Any]:
     """The model, and the layers each optimiser step solved (None: no scaling step), after `STEPS` steps under
     DeepSpeed with `ZeroScaLoRA`; micro-batch m of a step is shard m·world_size + rank of its global batch."""
@@ -73,14 +96,14 @@ def train_engine(stage: int, extra: dict[str, Any], accumulation: int, interval:
 
     from scalora.zero import ZeroScaLoRA
 
-    model = build_model(torch.float32)
+    model = build(model_name)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
                                       config=config(stage, extra, accumulation))
     scalora = ZeroScaLoRA(engine, interval=interval)
     layers = []
     for step in range(STEPS):
         for micro in range(accumulation):
-            ids = local_batch(step, micro * world_size + rank, world_size * accumulation)
+            ids = batch(model_name, step, micro * world_size + rank, world_size * accumulation)
             engine.backward(engine(ids, labels=ids).loss)
             stats = scalora.before_step()
             if micro == accumulation - 1:
@@ -106,7 +129,7 @@ def bf16_copies(stage: int, rank: int, world_size: int) -> float:
                                               "bf16": {"enabled": True}})
     scalora = ZeroScaLoRA(engine)
     for step in range(2):
-        ids = local_batch(step, rank, world_size)
+        ids = batch("llama", step, rank, world_size)
         engine.backward(engine(ids, labels=ids).loss)
         scalora.before_step()
         if step == 0:
@@ -133,7 +156,7 @@ def misuse(stage: int, rank: int, world_size: int) -> dict[str, str]:
         ZeroScaLoRA(engine)
     except ConfigError as error:
         errors["hook"] = str(error)
-    ids = local_batch(0, rank, world_size)
+    ids = batch("llama", 0, rank, world_size)
     engine.backward(engine(ids, labels=ids).loss)
     try:
         engine.step()
