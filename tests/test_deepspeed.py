@@ -32,7 +32,7 @@ TOLERANCE = 3e-4  # of the tensor's largest entry, float32
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                       reason="deepspeed is not installed (pip install --no-build-isolation deepspeed)"),
+                       reason="deepspeed is not installed (pip install --no-build-isolation -e '.[deepspeed]')"),
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                        reason="torch.distributed with gloo is not available"),
 ]
