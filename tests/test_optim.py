@@ -349,3 +349,14 @@ def test_a_fold_that_would_overflow_an_fp16_base_leaves_it_unchanged_and_names_t
     with pytest.warns(RuntimeWarning, match="'0'.*overflow"):
         assert stats.refused == 1.0
     assert torch.isfinite(layer.base_layer.weight).all()
+
+
+def test_a_scaling_step_that_finds_no_gradient_is_refused() -> None:
+    """Under any engine: a step with no gradient in any LoRA layer (no backward, or ZeRO holding the gradients)
+    would silently be plain LoRA."""
+    model = _lora_llama()
+    opt = ScaLoRA(model, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(ConfigError, match=r"no LoRA layer with gradients.*loss\.backward\(\).*ZeroScaLoRA"):
+        opt.step()
+    with pytest.raises(ConfigError, match="cannot be DeepSpeed's client optimiser"):
+        opt.param_groups = []

@@ -335,7 +335,8 @@ def _check_peft_layer(name: str, module: nn.Module, adapter: str, lora: ModuleTy
         what = "lora_bias=True (a trained bias beside B A)"
     else:
         weight = getattr(module.get_base_layer(), "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", ())  # ZeRO-3 keeps the whole in ds_shape
+        if not isinstance(weight, torch.Tensor) or len(shape) != 2 or not weight.is_floating_point():
             what = "a quantised or non-matrix base weight"
     if what is not None:
         raise ConfigError(f"layer {name!r} uses {what}: ScaLoRA, ReLoRA and the rank tools need the plain update "

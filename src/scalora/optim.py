@@ -34,6 +34,13 @@ from scalora.wrapper import OptimizerWrapper
 
 RULES = ("optimizer", "paper")
 
+#: why a scaling step that finds no gradient is refused: it would pass silently as a plain LoRA step
+NO_GRADIENTS = ("ScaLoRA step {step} found no LoRA layer with gradients, so it cannot scale anything and the run "
+                "would silently be plain LoRA. Call loss.backward() before optimizer.step(). Under DeepSpeed ZeRO the "
+                "gradients live in the engine's partitions, not in .grad: pass the plain optimiser to "
+                "deepspeed.initialize and call scalora.zero.ZeroScaLoRA(engine).before_step() between "
+                "engine.backward(loss) and engine.step().")
+
 
 #: the statistics of a scaling step, after `step` and `layers`, and their values before any layer was solved
 _STAT_FIELDS = {"column": 0.0, "scalar": 0.0, "identity": 0.0, "alpha_mean": 1.0, "alpha_std": 0.0,
@@ -208,6 +215,7 @@ class ScaLoRA(OptimizerWrapper):
     @torch.no_grad()
     def rescale(self) -> ScalingStats:
         """Solve α, β for every layer with gradients, merge the residual, rescale factors, gradients, moments.
+        A step with no layer with gradients is refused (`ConfigError`).
 
         No host–device synchronisation: layers whose solve is the identity go through the same arithmetic with
         their fold masked to zero, and the statistics stay on the device until read (`ScalingStats`). Side branches
@@ -222,6 +230,8 @@ class ScaLoRA(OptimizerWrapper):
             # layers of one shape and one pair of parameter groups (so one learning rate) are solved together
             key = (tuple(A.shape), tuple(B.shape), A.dtype, A.device, id(group_of[id(A)]), id(group_of[id(B)]))
             groups[key].append(i)
+        if not groups:
+            raise ConfigError(NO_GRADIENTS.format(step=self.num_steps))
         kinds, scales_B, scales_A = [], [], []
         refused: list[tuple[str, torch.Tensor]] = []
         for indices in groups.values():

@@ -36,7 +36,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if isinstance(optimizer, OptimizerWrapper):
             raise ConfigError(f"the optimiser is already wrapped in {type(optimizer).__name__}.")
-        self.layers: list[tuple[str, LoraFactors]] = lora_factors(model)
+        self.layers: list[tuple[str, LoraFactors]] = self.find_layers(model)
         if not self.layers:
             raise ConfigError("the model has no LoRA layers: add them with scalora.apply_lora(model, "
                               "scalora.LoraConfig(...)) or peft.get_peft_model(model, peft.LoraConfig(...)) first.")
@@ -66,9 +66,22 @@ class OptimizerWrapper(torch.optim.Optimizer):
         # torch.optim.Optimizer's bookkeeping (hooks, step profiling), without a second copy of the state.
         self.__setstate__({})
 
+    def find_layers(self, model: nn.Module) -> list[tuple[str, LoraFactors]]:
+        """The adapted layers the wrapper acts on: the model's own (`lora_factors`)."""
+        return lora_factors(model)
+
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        name = type(self).__name__
+        raise ConfigError(f"the parameter groups of {name} are those of the optimiser it wraps and cannot be replaced, "
+                          f"as DeepSpeed's ZeRO does with its client optimiser: {name} cannot be DeepSpeed's client "
+                          f"optimiser. For ScaLoRA under ZeRO pass the plain optimiser to deepspeed.initialize and "
+                          f"call scalora.zero.ZeroScaLoRA(engine).before_step() between engine.backward(loss) and "
+                          f"engine.step().")
 
     @property
     def state(self) -> defaultdict:  # type: ignore[override]
