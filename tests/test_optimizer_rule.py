@@ -18,7 +18,7 @@ from scalora import LoraConfig, apply_lora
 from scalora.directions import next_direction, scale_invariant
 from scalora.errors import ConfigError
 from scalora.optim import ScaLoRA
-from scalora.scaling_problem import auto_c, optimizer_system, scaling_system
+from scalora.scaling_problem import first_order_c, lora_step_c, optimizer_system, scaling_system
 from scalora.solver import COLUMN, IDENTITY, solve_system
 
 F64 = torch.float64
@@ -47,16 +47,17 @@ def _terms(A, B, U_A, U_B) -> torch.Tensor:
 def test_system_equals_explicit_gram(r, n_in, n_out):
     s = 0.7
     A, B, gA, gB, UA, UB, G = _layer(r, n_in, n_out, s, seed=r + n_in)
-    H, lam, second = optimizer_system(A, B, gA, gB, UA, UB)
+    H, lam, second, norms = optimizer_system(A, B, gA, gB, UA, UB)
     flat = _terms(A, B, UA, UB).reshape(2 * r, -1)
     torch.testing.assert_close(H, flat @ flat.T, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(lam, s * flat @ G.reshape(-1), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(second, (UB @ UA).square().sum(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(norms, torch.cat([B.square().sum(0), A.square().sum(1)]), rtol=1e-10, atol=1e-12)
 
 
 def test_gradients_as_directions_give_the_paper_system():
     A, B, gA, gB, _, _, _ = _layer(3, 8, 6, 0.5, seed=1)
-    H, lam, _ = optimizer_system(A, B, gA, gB, gA, gB)
+    H, lam, _, _ = optimizer_system(A, B, gA, gB, gA, gB)
     H_p, lam_p = scaling_system(A, B, gA, gB)
     torch.testing.assert_close((H, lam), (H_p, lam_p), rtol=0, atol=0)
 
@@ -66,7 +67,7 @@ def test_solution_is_the_nnls_optimum_of_the_fit(seed):
     """u = v / (c s²) minimises ‖G/L − η s Σ u_k K_k‖² over u ≥ 0 (c = L η), checked against scipy's NNLS."""
     r, n_in, n_out, s, c = 1 + seed % 4, 9 + seed, 14 - seed, 0.8, 0.37
     A, B, gA, gB, UA, UB, G = _layer(r, n_in, n_out, s, seed=100 + seed)
-    H, lam, second = optimizer_system(A, B, gA, gB, UA, UB)
+    H, lam, second, norms = optimizer_system(A, B, gA, gB, UA, UB)
     scales = solve_system(H, lam, s, c, power=1)
     u = torch.cat([scales.scale_B, scales.scale_A])
     eta = 1e-2
@@ -85,26 +86,55 @@ def test_solution_is_the_nnls_optimum_of_the_fit(seed):
         assert fit(u) < fit(torch.zeros(2 * r, dtype=F64))
 
 
-def test_auto_c_holds_the_second_order_ratio_at_tau():
-    """With c = auto_c, ‖s η² U_B U_A‖ / ‖first-order change‖ = τ, both computed as explicit matrices."""
+def test_first_order_c_holds_the_second_order_ratio_at_tau():
+    """With c = first_order_c, ‖s η² U_B U_A‖ / ‖first-order change‖ = τ, both computed as explicit matrices."""
     r, n_in, n_out, s, eta, tau = 3, 12, 10, 1.5, 3e-3, 0.3
     A, B, gA, gB, UA, UB, _ = _layer(r, n_in, n_out, s, seed=7)
-    H, lam, second = optimizer_system(A, B, gA, gB, UA, UB)
-    scales = solve_system(H, lam, s, "auto", power=1, second=second, lr=eta, tau=tau)
+    H, lam, second, norms = optimizer_system(A, B, gA, gB, UA, UB)
+    scales = solve_system(H, lam, s, "first-order", power=1, second=second, lr=eta, tau=tau)
     assert int(scales.kind) != IDENTITY
     first = eta * s * (UB @ torch.diag(scales.scale_A) @ A + B @ torch.diag(scales.scale_B) @ UA)
     second_order = s * eta**2 * UB @ UA
     assert float(second_order.norm() / first.norm()) == pytest.approx(tau, rel=1e-9)
-    v = torch.cat([scales.scale_B, scales.scale_A]) * auto_c(H, torch.cat([scales.scale_B, scales.scale_A]), second, s,
-                                                                  eta, tau) * s**2
-    assert torch.isfinite(v).all()
+    v = torch.cat([scales.scale_B, scales.scale_A])
+    assert torch.isfinite(v * first_order_c(H, v, second, s, eta, tau) * s**2).all()
 
 
-def test_auto_c_is_identity_when_the_bound_says_nothing():
+@pytest.mark.parametrize("seed", range(3))
+def test_lora_step_c_matches_loras_step_from_factors_of_norm_rho(seed):
+    """With c = lora_step_c, the fitted first-order change has the norm of LoRA's step −η s (U_B Â + B̂ U_A) whose
+    columns of B̂ and rows of Â are those of B and A rescaled to norm ρ; both as explicit matrices, any η."""
+    r, n_in, n_out, s, rho = 2 + seed, 11, 9 + seed, 1.5, 0.4
+    A, B, gA, gB, UA, UB, _ = _layer(r, n_in, n_out, s, seed=20 + seed)
+    H, lam, second, norms = optimizer_system(A, B, gA, gB, UA, UB)
+    scales = solve_system(H, lam, s, "lora-step", power=1, norms=norms, factor_norm=rho)
+    assert int(scales.kind) != IDENTITY
+    B_hat, A_hat = B * (rho / B.norm(dim=0)), A * (rho / A.norm(dim=1, keepdim=True))
+    for eta in (1e-4, 1e-2):
+        fitted = eta * s * (UB @ torch.diag(scales.scale_A) @ A + B @ torch.diag(scales.scale_B) @ UA)
+        lora = eta * s * (UB @ A_hat + B_hat @ UA)
+        assert float(fitted.norm() / lora.norm()) == pytest.approx(1.0, rel=1e-9)
+    v = torch.cat([scales.scale_B, scales.scale_A])
+    assert float(lora_step_c(H, v, norms, s, rho)) > 0
+
+
+def test_lora_step_c_ignores_a_zero_factor():
+    """At B = 0 (the first step) only the U_B A terms move W: c matches LoRA's step from A alone."""
+    A, B, gA, gB, UA, UB, _ = _layer(2, 6, 5, 1.0, seed=4)
+    zero = torch.zeros_like(B)
+    H, lam, _, norms = optimizer_system(A, zero, gA, gB, UA, UB)
+    v = torch.ones(4, dtype=F64)
+    c = lora_step_c(H, v, norms, 1.0, 0.5)
+    A_hat = A * (0.5 / A.norm(dim=1, keepdim=True))
+    expected = float((UB @ A).norm() / (UB @ A_hat).norm())
+    assert float(c) == pytest.approx(expected, rel=1e-9)
+
+
+def test_first_order_c_is_identity_when_the_bound_says_nothing():
     """At B = 0 (the first step) U_A = 0, so the second-order term vanishes: the layer keeps its factors."""
     A, B, gA, gB, UA, UB, _ = _layer(2, 6, 5, 1.0, seed=3)
-    H, lam, second = optimizer_system(A, torch.zeros_like(B), torch.zeros_like(gA), gB, torch.zeros_like(UA), UB)
-    scales = solve_system(H, lam, 1.0, "auto", power=1, second=second, lr=1e-3)
+    H, lam, second, _ = optimizer_system(A, torch.zeros_like(B), torch.zeros_like(gA), gB, torch.zeros_like(UA), UB)
+    scales = solve_system(H, lam, 1.0, "first-order", power=1, second=second, lr=1e-3)
     assert int(scales.kind) == IDENTITY and torch.equal(scales.scale_B, torch.ones(2, dtype=F64))
 
 
@@ -160,7 +190,9 @@ def test_adam_step_after_rescaling_is_linear_in_the_scales():
 def test_rules_and_arguments():
     model = apply_lora(nn.Sequential(nn.Linear(6, 5)), LoraConfig(r=2, target_modules=["0"]))
     params = [p for p in model.parameters() if p.requires_grad]
-    assert ScaLoRA(model, torch.optim.AdamW(params)).c == "auto"
+    assert ScaLoRA(model, torch.optim.AdamW(params)).c == "lora-step"
+    assert ScaLoRA(model, torch.optim.AdamW(params), c="auto").c == "lora-step"
+    assert ScaLoRA(model, torch.optim.AdamW(params), c="first-order").c == "first-order"
     assert ScaLoRA(model, torch.optim.AdamW(params), rule="paper").c == 1.0
     assert ScaLoRA(model, torch.optim.SGD(params, lr=0.1)).c == 1.0
     assert scale_invariant(torch.optim.AdamW(params)) and not scale_invariant(torch.optim.SGD(params, lr=0.1))
@@ -172,6 +204,8 @@ def test_rules_and_arguments():
         ScaLoRA(model, torch.optim.AdamW(params), rule="fast")
     with pytest.raises(ConfigError, match="tau"):
         ScaLoRA(model, torch.optim.AdamW(params), tau=0)
+    with pytest.raises(ConfigError, match="factor_norm"):
+        ScaLoRA(model, torch.optim.AdamW(params), factor_norm=-1.0)
     with pytest.raises(ConfigError, match="'auto'"):
         ScaLoRA(model, torch.optim.AdamW(params), c="big")
 
@@ -179,7 +213,9 @@ def test_rules_and_arguments():
 def test_command_line_defaults_follow_the_rule():
     from scalora.train.config import TrainConfig
 
-    assert TrainConfig(method="scalora").learning_rate == 2e-3  # its step grows like lr²: LoRA's 5e-4 barely trains
+    assert TrainConfig(method="scalora").learning_rate == 5e-4  # 'lora-step': LoRA's learning rate serves
+    # the first-order c's step grows like lr²: at LoRA's 5e-4 it barely trains
+    assert TrainConfig(method="scalora", scalora_auto_c="first-order").learning_rate == 2e-3
     assert TrainConfig(method="scalora-i", scalora_rule="paper").learning_rate == 5e-4
     assert TrainConfig(method="lora").learning_rate == 5e-4
     assert TrainConfig(method="scalora", lr=1e-3).learning_rate == 1e-3
@@ -193,3 +229,21 @@ def test_runs_written_before_the_rule_existed_keep_their_fingerprint():
     identity = old.identity()
     assert "scalora_rule" not in identity and "scalora_tau" not in identity and identity["scalora_c"] == 1.0
     assert "scalora_rule" in TrainConfig(method="scalora").identity()  # the new default is part of the identity
+
+
+def test_runs_of_the_first_order_default_resume_only_under_it():
+    """Before 'lora-step', c='auto' meant the first-order rule: such runs keep their fingerprint under
+    --scalora-auto-c first-order and differ from a default run; a saved optimiser state says c='auto' and is refused
+    by a 'lora-step' ScaLoRA, accepted by a 'first-order' one."""
+    from scalora.train.config import TrainConfig
+
+    old = TrainConfig(method="scalora", scalora_auto_c="first-order").identity()
+    assert "scalora_auto_c" not in old and "scalora_factor_norm" not in old
+    assert TrainConfig(method="scalora").identity()["scalora_auto_c"] == "lora-step"
+    model = apply_lora(nn.Sequential(nn.Linear(6, 5)), LoraConfig(r=2, target_modules=["0"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = ScaLoRA(model, torch.optim.AdamW(params), c="first-order").state_dict()
+    state["scalora"]["c"] = "auto"  # as written then
+    with pytest.raises(ConfigError, match="c='first-order'"):
+        ScaLoRA(model, torch.optim.AdamW(params)).load_state_dict(state)
+    ScaLoRA(model, torch.optim.AdamW(params), c="first-order").load_state_dict(state)

@@ -29,7 +29,17 @@ from scalora.moments import check_moments, check_transformable, scale_moments
 from scalora.scaling_problem import optimizer_system, scaling_system
 from scalora.sharded import is_sharded, local, local_rows, local_state, sum_partial, whole
 from scalora.side_branch import SideBranch, compress
-from scalora.solver import COLUMN, DEFAULT_TAU, IDENTITY, MODES, SCALAR, Scales, solve_system
+from scalora.solver import (
+    AUTO_RULES,
+    COLUMN,
+    DEFAULT_FACTOR_NORM,
+    DEFAULT_TAU,
+    IDENTITY,
+    MODES,
+    SCALAR,
+    Scales,
+    solve_system,
+)
 from scalora.wrapper import OptimizerWrapper
 
 RULES = ("optimizer", "paper")
@@ -109,11 +119,14 @@ class ScaLoRA(OptimizerWrapper):
             than `interval` is plain LoRA.
         rule: ``"optimizer"`` (default) fits the step the wrapped optimiser will actually take (Adam's step is
             linear in the scales); ``"paper"`` is the published closed form, which assumes a plain gradient step.
-        c: c = L·η of the scaling problem (larger c → smaller scales), or ``"auto"``: per layer and step, the largest
-            c at which the next step's second-order term stays ``tau`` times its first-order term
-            (`scalora.scaling_problem.auto_c`). Default: ``"auto"`` for the optimiser-aware rule with Adam-type
-            optimisers, 1.0 otherwise (the paper's setting).
-        tau: the ratio of second- to first-order change that ``c="auto"`` allows.
+        c: c = L·η of the scaling problem (larger c → smaller scales), or chosen per layer and step (optimiser-aware
+            rule with an Adam-type optimiser): ``"lora-step"`` (also ``"auto"``, the default there) makes the fitted
+            step as large as LoRA's step from factors of norm `factor_norm`, so LoRA's learning rate serves ScaLoRA
+            (`scalora.scaling_problem.lora_step_c`); ``"first-order"`` takes the smallest factors whose step stays
+            first-order accurate, second- to first-order ratio `tau` (`scalora.scaling_problem.first_order_c`; its
+            step grows like the square of the learning rate). Default otherwise: 1.0 (the paper's setting).
+        tau: the ratio of second- to first-order change that ``c="first-order"`` allows.
+        factor_norm: the factor norm ρ of ``c="lora-step"`` (default 1/√3, the norm of a row of LoRA's initial A).
         mode: ``"column"`` (per-column scales, scalar fallback) or ``"scalar"`` (one scale per factor).
         transfer_moments: transform the optimiser's moments with the scales (the paper's ablation turns it off).
         compensate: how folds into a bf16 / fp16 base weight are rounded. ``None`` (default): stochastically
@@ -141,6 +154,7 @@ class ScaLoRA(OptimizerWrapper):
         rule: str = "optimizer",
         c: float | str | None = None,
         tau: float = DEFAULT_TAU,
+        factor_norm: float = DEFAULT_FACTOR_NORM,
         mode: str = "column",
         transfer_moments: bool = True,
         compensate: bool | None = None,
@@ -150,11 +164,12 @@ class ScaLoRA(OptimizerWrapper):
             raise ConfigError(f"interval must be a positive integer, got {interval!r}.")
         if rule not in RULES:
             raise ConfigError(f"rule must be one of {RULES}, got {rule!r}.")
-        if not (c is None or c == "auto" or (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0
-                                             and math.isfinite(c))):
-            raise ConfigError(f"c must be a positive number or 'auto', got {c!r}.")
-        if not (isinstance(tau, (int, float)) and 0 < tau < math.inf):
-            raise ConfigError(f"tau must be a positive number, got {tau!r}.")
+        if not (c is None or c == "auto" or c in AUTO_RULES or (isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                               and c > 0 and math.isfinite(c))):
+            raise ConfigError(f"c must be a positive number, 'auto' or one of {AUTO_RULES}, got {c!r}.")
+        for name, value in (("tau", tau), ("factor_norm", factor_norm)):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}.")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
         if side_rank is not None and (isinstance(side_rank, bool) or not isinstance(side_rank, int) or side_rank < 1):
@@ -166,8 +181,10 @@ class ScaLoRA(OptimizerWrapper):
             self.power = 1 if scale_invariant(optimizer) else 2
         if c is None:
             c = "auto" if self.power == 1 else 1.0
-        if c == "auto" and self.power != 1:
-            raise ConfigError("c='auto' needs the optimiser-aware rule with an Adam-type optimiser (its step does not "
+        if c == "auto":
+            c = AUTO_RULES[0]
+        if c in AUTO_RULES and self.power != 1:
+            raise ConfigError(f"c={c!r} needs the optimiser-aware rule with an Adam-type optimiser (its step does not "
                               "depend on the size of the factors); pass a number c.")
         for name, layer in self.layers:
             if layer.alpha_vector is not None:
@@ -183,8 +200,9 @@ class ScaLoRA(OptimizerWrapper):
                                   f"unsharded: leave compensate unset (stochastic rounding), or train it under DDP.")
         self.interval = interval
         self.rule = rule
-        self.c: float | str = c if c == "auto" else float(c)
+        self.c: float | str = c if isinstance(c, str) else float(c)
         self.tau = float(tau)
+        self.factor_norm = float(factor_norm)
         self.mode = mode
         self.transfer_moments = transfer_moments
         self.side_rank = side_rank
@@ -200,8 +218,8 @@ class ScaLoRA(OptimizerWrapper):
 
     def __repr__(self) -> str:
         return (f"ScaLoRA(interval={self.interval}, rule={self.rule!r}, c={self.c!r}, tau={self.tau}, "
-                f"mode={self.mode!r}, "
-                f"transfer_moments={self.transfer_moments}, optimizer={self.optimizer!r})")
+                f"factor_norm={self.factor_norm:.4g}, mode={self.mode!r}, transfer_moments={self.transfer_moments}, "
+                f"optimizer={self.optimizer!r})")
 
     def before_step(self) -> None:
         if self.num_steps % self.interval == 0:
@@ -280,18 +298,18 @@ class ScaLoRA(OptimizerWrapper):
         grad_B = torch.stack([local(layer.lora_B.grad) for layer in layers])
         scaling = self._scaling(indices, A.device)
         if self.rule == "paper":
-            (H, lam), second = scaling_system(A, B, grad_A, grad_B), None
+            (H, lam), second, norms = scaling_system(A, B, grad_A, grad_B), None, None
         else:
             # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
             ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
             dirs_A = torch.stack([whole(next_direction(self.optimizer, group_A, layer.lora_A)) for layer in layers])
             dirs_B = torch.stack([local(next_direction(self.optimizer, group_B, layer.lora_B)) * ratio
                                   for layer in layers])
-            H, lam, second = optimizer_system(A, B, grad_A, grad_B, dirs_A, dirs_B)
+            H, lam, second, norms = optimizer_system(A, B, grad_A, grad_B, dirs_A, dirs_B)
         if is_sharded(layers[0].lora_B):
-            H, lam, second = sum_partial(layers[0].lora_B, H, lam, second)
-        return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second,
-                            lr=group_A["lr"], tau=self.tau), A
+            H, lam, second, norms = sum_partial(layers[0].lora_B, H, lam, second, norms)
+        return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second, lr=group_A["lr"],
+                            tau=self.tau, norms=norms, factor_norm=self.factor_norm), A
 
     def _apply(self, layer: LoraFactors, A_whole: torch.Tensor, scale_B: torch.Tensor, scale_A: torch.Tensor,
                keep: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
@@ -347,8 +365,17 @@ class ScaLoRA(OptimizerWrapper):
 
     # ------------------------------------------------------------------ checkpoints
     def settings(self) -> dict[str, Any]:
-        return {"interval": self.interval, "rule": self.rule, "c": self.c, "tau": self.tau, "mode": self.mode,
+        return {"interval": self.interval, "rule": self.rule, "c": self.c, "tau": self.tau,
+                "factor_norm": self.factor_norm, "mode": self.mode,
                 "transfer_moments": self.transfer_moments, "side_rank": self.side_rank}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """As the wrapper's; a state saved when ``c="auto"`` meant the first-order rule says so (it resumes only under
+        ``c="first-order"``, never silently under another rule)."""
+        saved = state_dict.get("scalora")
+        if isinstance(saved, dict) and saved.get("c") == "auto":
+            state_dict = {**state_dict, "scalora": {**saved, "c": "first-order"}}
+        super().load_state_dict(state_dict)
 
     def extra_state(self) -> dict[str, Any]:
         return {"identity_total": self.identity_total}

@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "auto_c",
+    "first_order_c",
+    "lora_step_c",
     "batch_inputs",
     "compute_dtype",
     "objective",
@@ -111,8 +112,9 @@ def optimizer_system(
     dir_A: Tensor,
     dir_B: Tensor,
     dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """H (n, 2r, 2r), λ (n, 2r) and ‖dir_B dir_A‖²_F (n,) of the optimiser-aware fit, from r × r Gram products only.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """H (n, 2r, 2r), λ (n, 2r), ‖dir_B dir_A‖²_F (n,) and the factors' squared norms [colnorm²(B); rownorm²(A)]
+    (n, 2r) of the optimiser-aware fit, from r × r Gram products only.
 
     A, grad_A, dir_A: (n, r, in); B, grad_B, dir_B: (n, out, r) (2-D inputs give unbatched results). The optimiser
     will move B by −η·dir_B and A by −η·dir_A; with seven batched r × r Gram products
@@ -139,9 +141,10 @@ def optimizer_system(
     H = 0.5 * (H + H.mT)
     lam = torch.cat([(grad_A * dir_A).sum(-1), (grad_B * dir_B).sum(-2)], dim=-1)
     second = (uBuB * uAuA).sum((-2, -1))
+    norms = torch.cat([BB.diagonal(dim1=-2, dim2=-1), AA.diagonal(dim1=-2, dim2=-1)], dim=-1)
     if not batched:
-        return H[0], lam[0], second[0]
-    return H, lam, second
+        return H[0], lam[0], second[0], norms[0]
+    return H, lam, second, norms
 
 
 def scaling_system(
@@ -157,8 +160,39 @@ def scaling_system(
     Six products on the factors as they are: concatenating [B, grad_B] and [A; grad_A] into one Gram each costs a
     copy of every factor and a third more multiply-adds, and measured slower (benchmarks/solver_cost.py).
     """
-    H, lam, _ = optimizer_system(A, B, grad_A, grad_B, grad_A, grad_B, dtype=dtype)
+    H, lam, _, _ = optimizer_system(A, B, grad_A, grad_B, grad_A, grad_B, dtype=dtype)
     return H, lam
+
+
+def _quad(H: Tensor, x: Tensor) -> Tensor:
+    """xᵀ H x over the trailing dims (batched), clamped at 0 (H is PSD up to rounding)."""
+    return (x.unsqueeze(-2) @ H @ x.unsqueeze(-1)).squeeze(-1).squeeze(-1).clamp_min(0.0)
+
+
+def lora_step_c(H: Tensor, v: Tensor, norms: Tensor, scaling: float | Tensor, factor_norm: float) -> Tensor:
+    """c at which the fitted step is as large as LoRA's step from factors of norm ``factor_norm``: (n,) per layer.
+
+    Under Adam the first-order change of W is −η s Σ_k u_k K_k with u = v / (c s²), of norm (η / (c s))·sqrt(vᵀHv).
+    LoRA's own step from the same directions, with every column of B and row of A rescaled to norm ρ, is
+    −η s Σ_k d_k K_k with d_k = ρ / ‖factor k‖, of norm η s·sqrt(dᵀHd). Equal sizes give
+
+        c = sqrt(vᵀ H v) / (s² sqrt(dᵀ H d)),
+
+    which does not depend on η: the step grows like the learning rate, as LoRA's does, so LoRA's learning rate
+    serves ScaLoRA, while the scales choose its direction and how much of the adapter is handed to W0. The default
+    ρ = 1/√3 is the norm of a row of LoRA's initial A (Kaiming-uniform). A zero factor (B = 0 at the first step)
+    contributes nothing; layers where either norm is 0 get c = inf: the caller maps them to the identity.
+    """
+    if not (0 < factor_norm < float("inf")):
+        raise ValueError(f"factor_norm must be positive and finite, got {factor_norm}")
+    dt = v.dtype
+    norms = norms.to(dt).clamp_min(0.0).sqrt()
+    d = torch.where(norms > 0, factor_norm / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
+    first, lora = _quad(H, v).sqrt(), _quad(H, d).sqrt()
+    s2 = scaling**2 if isinstance(scaling, (int, float)) else scaling.to(dt).square()
+    denom = s2 * lora
+    ok = (denom > 0) & (first > 0)
+    return torch.where(ok, first / torch.where(ok, denom, torch.ones_like(denom)), float("inf"))
 
 
 def objective(H: Tensor, lam: Tensor, v: Tensor) -> Tensor:
@@ -191,7 +225,8 @@ def scales_from_v(
     return w[..., :r], w[..., r:]
 
 
-def auto_c(H: Tensor, v: Tensor, second: Tensor, scaling: float | Tensor, lr: float | Tensor, tau: float) -> Tensor:
+def first_order_c(H: Tensor, v: Tensor, second: Tensor, scaling: float | Tensor, lr: float | Tensor, tau: float
+                  ) -> Tensor:
     """The largest c at which the next step stays first-order accurate: (n,) per layer, optimiser-aware rule.
 
     Under Adam the first-order change of W is −η s Σ_k u_k K_k with u = v / (c s²), of norm (η / (c s))·sqrt(vᵀHv);
@@ -208,7 +243,7 @@ def auto_c(H: Tensor, v: Tensor, second: Tensor, scaling: float | Tensor, lr: fl
     if not (0 < tau < float("inf")):
         raise ValueError(f"tau must be positive and finite, got {tau}")
     dt = v.dtype
-    first = (v.unsqueeze(-2) @ H @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1).clamp_min(0.0).sqrt()
+    first = _quad(H, v).sqrt()
     s2 = scaling**2 if isinstance(scaling, (int, float)) else scaling.to(dt).square()
     eta = lr if isinstance(lr, (int, float)) else lr.to(dt)
     denom = second.to(dt).clamp_min(0.0).sqrt() * s2 * eta

@@ -6,7 +6,8 @@ only (`scalora.scaling_problem.optimizer_system`):
 
 * A is small (r × in), so A, its gradient and its direction are gathered whole;
 * the B-side products BᵀB, Bᵀ U_B, U_Bᵀ U_B and coldot(∂ℓ/∂B, U_B) are sums over the rows of B, so each rank's
-  products over its own rows are partial sums. H, the β block of λ and ‖U_B U_A‖² are linear in them, so the system
+  products over its own rows are partial sums. H, the β block of λ, ‖U_B U_A‖² and B's squared column norms are
+  linear in them, so the system
   built from the local rows of B and the whole A is the rank's partial system: summed over the ranks (one
   all-reduce per group of layers), it is the system of the whole layer. The α block of λ (rowdot over A) is already
   whole on every rank and is not summed.
@@ -57,14 +58,19 @@ def local_state(state: dict) -> dict:
     return {key: local(value) if isinstance(value, Tensor) else value for key, value in state.items()}
 
 
-def sum_partial(reference: Tensor, H: Tensor, lam: Tensor, second: Tensor | None) -> tuple[Tensor, Tensor,
-                                                                                           Tensor | None]:
-    """Sum the ranks' partial systems (H, the β block of λ, ‖U_B U_A‖²) over `reference`'s mesh in one all-reduce."""
+def sum_partial(reference: Tensor, H: Tensor, lam: Tensor, second: Tensor | None, norms: Tensor | None
+                ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Sum the ranks' partial systems (H, the β block of λ, ‖U_B U_A‖², B's squared column norms) over
+    `reference`'s mesh in one all-reduce; λ's α block and A's row norms are whole on every rank already."""
     n, m = lam.shape
     r = m // 2
-    parts = [H.reshape(n, -1), lam[:, r:]] + ([] if second is None else [second.reshape(n, 1)])
+    parts = [H.reshape(n, -1), lam[:, r:]]
+    parts += [] if norms is None else [norms[:, :r]]
+    parts += [] if second is None else [second.reshape(n, 1)]
     flat = torch.cat(parts, dim=-1)
     dist.all_reduce(flat, group=reference.device_mesh.get_group())
     H = flat[:, :m * m].reshape(n, m, m)
     lam = torch.cat([lam[:, :r], flat[:, m * m:m * m + r]], dim=-1)
-    return H, lam, None if second is None else flat[:, -1]
+    if norms is not None:
+        norms = torch.cat([flat[:, m * m + r:m * m + 2 * r], norms[:, r:]], dim=-1)
+    return H, lam, None if second is None else flat[:, -1], norms

@@ -6,7 +6,8 @@ holds the scales of the columns of ``lora_B`` (the first r entries, α in the pa
 reduced system H_FF v_F = λ_F (the KKT point when it is positive) is solved by Cholesky with an eigendecomposition
 fallback; otherwise the 2-variable NNLS of one scale per factor is solved in closed form. :func:`solve_scales` is the
 paper's rule from the factors and their gradients; :func:`solve_system` solves a given system (the optimiser-aware
-one included, with c picked per layer by :func:`~scalora.scaling_problem.auto_c`).
+one included, with c picked per layer by :func:`~scalora.scaling_problem.lora_step_c` or
+:func:`~scalora.scaling_problem.first_order_c`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from scalora.scaling_problem import auto_c, batch_inputs, compute_dtype, on_device, scales_from_v, scaling_system
+from scalora.scaling_problem import (
+    batch_inputs,
+    compute_dtype,
+    first_order_c,
+    lora_step_c,
+    on_device,
+    scales_from_v,
+    scaling_system,
+)
 
 __all__ = [
+    "AUTO_RULES",
     "COLUMN",
+    "DEFAULT_FACTOR_NORM",
     "DEFAULT_TAU",
     "IDENTITY",
     "MODES",
@@ -36,8 +47,16 @@ COLUMN, SCALAR, IDENTITY = 0, 1, 2
 MODES = ("column", "scalar")
 """Values of ``mode``: per-column scales (scalar fallback), or one scale per factor."""
 
+AUTO_RULES = ("lora-step", "first-order")
+"""How c is chosen per layer and step when it is not a number: ``"lora-step"`` (:func:`lora_step_c`, the default:
+LoRA's step size at the same learning rate) or ``"first-order"`` (:func:`first_order_c`: the smallest factors whose
+step stays first-order accurate; the step then grows like η²)."""
+
+DEFAULT_FACTOR_NORM = 3 ** -0.5
+"""The factor norm ρ of ``c="lora-step"``: the norm of a row of LoRA's initial A (Kaiming-uniform, 1/√3)."""
+
 DEFAULT_TAU = 0.3
-"""The second- to first-order ratio of the next step that ``c="auto"`` allows (benchmarks/rank_decides.py)."""
+"""The second- to first-order ratio of the next step that ``c="first-order"`` allows."""
 
 
 @dataclass(frozen=True)
@@ -201,16 +220,21 @@ def solve_system(
     second: Tensor | None = None,
     lr: float | Tensor | None = None,
     tau: float = DEFAULT_TAU,
+    norms: Tensor | None = None,
+    factor_norm: float = DEFAULT_FACTOR_NORM,
 ) -> Scales:
     """Scales from a given system (H (n, 2r, 2r), λ (n, 2r)); see :func:`solve_scales` for the rules.
 
-    ``power`` maps v to the scales (:func:`scales_from_v`). ``c="auto"`` picks c per layer with :func:`auto_c`
-    from ``second`` (n,) = ‖dir_B dir_A‖²_F, the learning rate ``lr`` and ``tau``; a layer where it is undefined
-    keeps the identity.
+    ``power`` maps v to the scales (:func:`scales_from_v`). A string ``c`` picks c per layer (:data:`AUTO_RULES`):
+    ``"lora-step"`` with :func:`lora_step_c` from ``norms`` (n, 2r), the factors' squared norms, and
+    ``factor_norm``; ``"first-order"`` with :func:`first_order_c` from ``second`` (n,) = ‖dir_B dir_A‖²_F, the
+    learning rate ``lr`` and ``tau``. A layer where c is undefined keeps the identity.
     """
     auto = isinstance(c, str)
-    if auto and (c != "auto" or second is None or lr is None):
-        raise ValueError(f"c must be a positive number or 'auto' (with second= and lr=), got {c!r}")
+    needs = {"lora-step": norms is not None, "first-order": second is not None and lr is not None}
+    if auto and not needs.get(c, False):
+        raise ValueError(f"c must be a positive number, 'lora-step' (with norms=) or 'first-order' (with second= "
+                         f"and lr=), got {c!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not eps >= 0:
@@ -245,7 +269,12 @@ def solve_system(
         col_ok = torch.zeros(n, dtype=torch.bool, device=dev)
         v = v_s
 
-    c_n = auto_c(H, v, second.reshape(n), s, lr, tau) if auto else _per_layer(c, n, dt, dev, "c").squeeze(-1)
+    if c == "lora-step":
+        c_n = lora_step_c(H, v, norms.reshape(n, m), s, factor_norm)
+    elif c == "first-order":
+        c_n = first_order_c(H, v, second.reshape(n), s, lr, tau)
+    else:
+        c_n = _per_layer(c, n, dt, dev, "c").squeeze(-1)
     scale_B, scale_A = scales_from_v(v, s, c_n, power=power)
     ones = torch.ones_like(scale_B)
     scale_B = torch.where(deg[:, :r], ones, scale_B)

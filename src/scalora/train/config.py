@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from scalora.errors import ConfigError
-from scalora.optim import DEFAULT_TAU, MODES, RULES
+from scalora.optim import AUTO_RULES, DEFAULT_FACTOR_NORM, DEFAULT_TAU, MODES, RULES
 from scalora.train.registry import METHODS, Method
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -29,8 +29,8 @@ def _option(default: Any, help: str) -> Any:
 def _lr_defaults() -> str:
     """Each method's default learning rate, as the help of ``--lr`` lists them."""
     def one(m: Method) -> str:
-        lr, paper = (f"{m.default_lr(rule):.0e}".replace("e-0", "e-") for rule in ("optimizer", "paper"))
-        return f"{m.name} {lr}" + (f" ({paper} with the paper rule)" if paper != lr else "")
+        lr, first = (f"{m.default_lr(first_order):.0e}".replace("e-0", "e-") for first_order in (False, True))
+        return f"{m.name} {lr}" + (f" ({first} with --scalora-auto-c first-order)" if first != lr else "")
 
     return ", ".join(one(m) for m in METHODS.values())
 
@@ -87,10 +87,16 @@ class TrainConfig:
         "plain gradient step)")
     scalora_c: float | None = _option(
         None,
-        "ScaLoRA's c = L·η of the scaling problem (larger c gives smaller scales); none: 'auto' for the optimizer "
-        "rule (the largest c whose step stays first-order accurate), 1 for the paper rule")
+        "ScaLoRA's c = L·η of the scaling problem (larger c gives smaller scales); none: chosen per layer and step by "
+        "--scalora-auto-c for the optimizer rule, 1 for the paper rule")
+    scalora_auto_c: str = _option(
+        AUTO_RULES[0],
+        "how the optimizer rule picks c: 'lora-step' makes the step as large as LoRA's at the same learning rate; "
+        "'first-order' takes the smallest factors whose step stays first-order accurate (step ∝ lr²)")
+    scalora_factor_norm: float = _option(
+        DEFAULT_FACTOR_NORM, "factor norm of 'lora-step' (smaller: more of the adapter is handed to W0 each step)")
     scalora_tau: float = _option(
-        DEFAULT_TAU, "second- to first-order ratio of the next step that the automatic c allows")
+        DEFAULT_TAU, "second- to first-order ratio of the next step that 'first-order' allows")
     scalora_interval: int | None = _option(None, "rescale every N steps (default: 1 for scalora, 10 for scalora-i)")
     scalora_mode: str = _option("column", "ScaLoRA scales: one per column of the factors, or one scalar per factor")
     scalora_transfer_moments: bool = _option(
@@ -125,7 +131,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _text(name, getattr(self, name))
         for name, choices in (("method", METHODS), ("schedule", SCHEDULES), ("scalora_rule", RULES),
-                              ("scalora_mode", MODES)):
+                              ("scalora_auto_c", AUTO_RULES), ("scalora_mode", MODES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}.")
         for name in ("r", "batch_size", "grad_accum", "steps", "max_length", "eval_batch_size", "alpha_every",
@@ -138,7 +144,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "rank_layers"):
             _whole(name, getattr(self, name), 0)
         _whole("seed", self.seed, 0, SEED_MAX)
-        for name in ("lora_alpha", "scalora_tau", "alpha_lr"):
+        for name in ("lora_alpha", "scalora_tau", "scalora_factor_norm", "alpha_lr"):
             _number(name, getattr(self, name), "> 0", lambda v: v > 0)
         for name in ("lr", "max_grad_norm", "scalora_c"):
             if getattr(self, name) is not None:
@@ -164,7 +170,8 @@ class TrainConfig:
     @property
     def learning_rate(self) -> float:
         """``lr``, else the method's default (`Method.default_lr`)."""
-        return self.lr if self.lr is not None else METHODS[self.method].default_lr(self.scalora_rule)
+        return self.lr if self.lr is not None else METHODS[self.method].default_lr(
+            self.scalora_rule == "optimizer" and self.scalora_c is None and self.scalora_auto_c == "first-order")
 
     @property
     def interval(self) -> int:
@@ -202,7 +209,8 @@ class TrainConfig:
 
 #: fields added after runs were first written, with the value those runs implied. Fixed values, not the current
 #: defaults: were it DEFAULT_TAU, a run saved at one default τ would resume silently under a later one.
-_IMPLIED_BEFORE: dict[str, Any] = {"scalora_rule": "paper", "scalora_tau": 0.3}
+_IMPLIED_BEFORE: dict[str, Any] = {"scalora_rule": "paper", "scalora_tau": 0.3, "scalora_auto_c": "first-order",
+                                   "scalora_factor_norm": 0.5773502691896257}
 
 
 def _whole(name: str, value: Any, low: int, high: int = INT_MAX) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from scalora.optim import ScaLoRA
 from scalora.train.planted import PlantedMethod, train_planted
 
-#: (label, method, learning rate): the tuned learning rates of benchmarks/rank_decides.py
+#: (label, method, learning rate): ScaLoRA at LoRA's learning rate (its default c makes the step as large as LoRA's)
 RUNS = (
     ("full fine-tuning", PlantedMethod(0), 1e-3),
     ("LoRA r=4", PlantedMethod(4), 3e-3),

@@ -48,8 +48,11 @@ def _restarts(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def _scalora(cfg: TrainConfig, model: nn.Module, inner: torch.optim.Optimizer) -> ScaLoRA:
-    return ScaLoRA(model, inner, interval=cfg.interval, rule=cfg.scalora_rule, c=cfg.scalora_c, tau=cfg.scalora_tau,
-                   mode=cfg.scalora_mode, transfer_moments=cfg.scalora_transfer_moments)
+    auto = cfg.scalora_c is None and cfg.scalora_rule == "optimizer"
+    return ScaLoRA(model, inner, interval=cfg.interval, rule=cfg.scalora_rule,
+                   c=cfg.scalora_auto_c if auto else cfg.scalora_c, tau=cfg.scalora_tau,
+                   factor_norm=cfg.scalora_factor_norm, mode=cfg.scalora_mode,
+                   transfer_moments=cfg.scalora_transfer_moments)
 
 
 def _relora(cfg: TrainConfig, model: nn.Module, inner: torch.optim.Optimizer) -> ReLoRA:
@@ -89,8 +92,8 @@ class Method:
     label: str  # in plots and tables
     color: str  # matplotlib colour in plots
     lr: float = 5e-4  # default peak learning rate
-    #: default learning rate with ScaLoRA's optimiser-aware rule (its step grows like lr²: docs/rank_decides.md)
-    optimizer_rule_lr: float | None = None
+    #: default learning rate when ScaLoRA's c is picked by the first-order rule (its step grows like lr²)
+    first_order_lr: float | None = None
     adapters: bool = True  # False: no adapters, every weight trains
     use_rslora: bool = False
     alpha_vector: bool = False
@@ -110,9 +113,9 @@ class Method:
         """``"adapter"`` (the adapter alone) or ``"model"`` (the whole model, adapters merged)."""
         return "model" if self.changes_base else "adapter"
 
-    def default_lr(self, rule: str) -> float:
-        """The learning rate when ``--lr`` is not given, under ScaLoRA rule `rule`."""
-        return self.optimizer_rule_lr if self.optimizer_rule_lr is not None and rule == "optimizer" else self.lr
+    def default_lr(self, first_order: bool = False) -> float:
+        """The learning rate when ``--lr`` is not given (`first_order`: ScaLoRA's c picked by the first-order rule)."""
+        return self.first_order_lr if self.first_order_lr is not None and first_order else self.lr
 
 
 _ALL = (
@@ -123,9 +126,9 @@ _ALL = (
     Method("alpha-lora", "LoRA with learned α vectors rescaling the frozen weights", "α-LoRA", "tab:purple",
            alpha_vector=True, split=_hold_out, hook=_alpha_step),
     Method("scalora", "ScaLoRA: optimally scaled, accumulated low-rank steps every step", "ScaLoRA", "tab:red",
-           optimizer_rule_lr=2e-3, changes_base=True, wrap=_scalora, hook=_scaling_report),
+           first_order_lr=2e-3, changes_base=True, wrap=_scalora, hook=_scaling_report),
     Method("scalora-i", "ScaLoRA every --scalora-interval steps (10 by default)", "ScaLoRA-I (I=10)", "tab:orange",
-           optimizer_rule_lr=2e-3, changes_base=True, interval=10, wrap=_scalora, hook=_scaling_report),
+           first_order_lr=2e-3, changes_base=True, interval=10, wrap=_scalora, hook=_scaling_report),
     Method("relora", "ReLoRA: merge and restart the adapters periodically", "ReLoRA", "tab:brown",
            changes_base=True, wrap=_relora, schedule=_restarts),
 )
