@@ -27,4 +27,4 @@ def test_micro_study_writes_its_results(tmp_path):
     assert result["table"]["scalora"]["final_rank"][0] > 4
     assert "Gate:" in (tmp_path / "rank_decides_micro.md").read_text()
     assert (tmp_path / "rank_decides_micro.png").stat().st_size > 0
-    assert set(result["tau"]) == {"0.3"}
+    assert set(result["factor_norm"]) == {"0.3"}
