@@ -13,9 +13,9 @@ from torch import nn
 import scalora
 from scalora import LoraConfig, apply_lora
 from scalora.errors import ConfigError
-from scalora.layers import QuantisedLinear
 from scalora.optim import ScaLoRA
 from scalora.quantised import dequantise
+from scalora.quantised_layer import QuantisedLinear
 from scalora.rank import effective_weight
 from scalora.relora import ReLoRA
 from scalora.side_branch import SideBranch, compress, recompress

@@ -135,8 +135,8 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
     With ``unload=True`` (default) the wrappers are removed and a plain model is returned, equal in output to the
     adapted one (PEFT's ``merge_and_unload``). With ``unload=False`` the wrappers stay, marked merged, and
     `unmerge` can undo it. If any layer's result would be NaN or inf in its weight's dtype, `NonFiniteError` names
-    the layer and no weight is changed. Layers over a quantised base (`scalora.layers.QuantisedLinear`) become plain
-    ``nn.Linear`` layers in their adapter's dtype, so they need ``unload=True``.
+    the layer and no weight is changed. Layers over a quantised base (`scalora.quantised_layer.QuantisedLinear`)
+    become plain ``nn.Linear`` layers in their adapter's dtype, so they need ``unload=True``.
     """
     layers = list(lora_layers(model))
     if not layers:
