@@ -53,20 +53,9 @@ SUFFIX = ".alpha_vector"
 
 
 @dataclass(frozen=True)
-class Part:
-    """One model + task experiment of the study."""
+class Part(common.Part):
+    """One model + task experiment of the study, at one learning rate."""
 
-    name: str
-    model: str
-    task: str | None
-    train_file: str | None
-    steps: int
-    batch_size: int
-    max_length: int
-    train_size: int | None
-    eval_size: int | None
-    eval_limit: int | None
-    seeds: tuple[int, ...]
     lr: float
     r: int
     lora_alpha: float

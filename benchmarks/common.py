@@ -226,6 +226,24 @@ def pyplot() -> Any:
     return plt
 
 
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One model + task experiment of a study (each study adds its own fields)."""
+
+    name: str
+    model: str
+    task: str | None
+    train_file: str | None
+    steps: int
+    batch_size: int
+    max_length: int
+    train_size: int | None
+    eval_size: int | None
+    eval_limit: int | None
+    seeds: tuple[int, ...]
+
+
 def override_part(part: Any, args: Any, name: str, fields: Sequence[str], **changes: Any) -> Any:
     """`part` (a dataclass of one study part's settings) with every option in `fields` that was given on the command
     line, the extra `changes`, and the `--<name>-model` / `--<name>-train-file` overrides (used by smoke tests)."""

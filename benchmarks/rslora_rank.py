@@ -57,22 +57,11 @@ OUT_MD = "rslora_rank.md"
 
 
 @dataclass(frozen=True)
-class Part:
-    """One model + task experiment of the study."""
+class Part(common.Part):
+    """One model + task experiment of the study, over several ranks."""
 
-    name: str
-    model: str
-    task: str | None
-    train_file: str | None
     ranks: tuple[int, ...]
     include_max_rank: bool  # add the largest rank the targeted layers allow
-    steps: int
-    batch_size: int
-    max_length: int
-    train_size: int | None
-    eval_size: int | None
-    eval_limit: int | None
-    seeds: tuple[int, ...]
     lr: float
     lora_alpha: float
     last_k: int  # final loss = mean of the last k logged losses
