@@ -17,7 +17,6 @@ This is the "facts" arm of ``benchmarks/rank_decides.py`` (``--size facts``).
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
@@ -25,9 +24,8 @@ from torch import nn
 
 from scalora.config import LoraConfig
 from scalora.model import apply_lora
-from scalora.rank import accumulated_updates, effective_rank, snapshot_base_weights
 from scalora.train.models import load_model
-from scalora.train.planted import PlantedMethod
+from scalora.train.planted import PlantedMethod, tracked_run
 
 N_FACTS = 256
 N_CLASSES = 16
@@ -89,38 +87,15 @@ def train_facts(method: PlantedMethod, lr: float, seed: int, steps: int, eval_ev
     ``TRACKED``'s accumulated update and the training seconds so far. Stops early (last loss inf) on divergence."""
     model, inputs, labels = facts_model(seed)
     model.eval()  # dropout is off anyway; eval() keeps it so whatever the config says
-    if method.r == 0:
-        start = dict(model.named_parameters())[TRACKED + ".weight"].detach().clone()
     opt = _optimizer(method, model, lr)
-    if method.r:
-        pretrained = snapshot_base_weights(model)
     g = torch.Generator().manual_seed(60_000 + seed)
-    curve: list[dict[str, Any]] = []
-    seconds = 0.0
     loss_fn = nn.CrossEntropyLoss()
 
-    def evaluate(step: int) -> bool:
-        with torch.no_grad():
-            loss = float(loss_fn(model(**inputs).logits, labels))
-            if method.r:
-                update = accumulated_updates(model, pretrained)[TRACKED]
-            else:
-                update = dict(model.named_parameters())[TRACKED + ".weight"].detach().double() - start.double()
-        finite = math.isfinite(loss)
-        curve.append({"step": step, "loss": loss if finite else math.inf,
-                      "rank": effective_rank(update).rank if finite else 0, "time_s": seconds})
-        return finite
-
-    evaluate(0)
-    for step in range(1, steps + 1):
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, N_FACTS, (BATCH,), generator=g)
-        t0 = time.perf_counter()
-        loss = loss_fn(model(**{k: v[idx] for k, v in inputs.items()}).logits, labels[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        seconds += time.perf_counter() - t0
-        if (step % eval_every == 0 or step == steps) and not evaluate(step):
-            break
-    return curve
+        return loss_fn(model(**{k: v[idx] for k, v in inputs.items()}).logits, labels[idx])
 
+    def eval_loss() -> float:
+        return float(loss_fn(model(**inputs).logits, labels))
+
+    return tracked_run(model, opt, TRACKED, batch_loss, eval_loss, steps, eval_every)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from scalora.config import LoraConfig
+from scalora.factors import lora_factors
 from scalora.model import apply_lora
 from scalora.rank import accumulated_updates, effective_rank, snapshot_base_weights
 from scalora.wrapper import OptimizerWrapper
@@ -82,21 +84,38 @@ def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_
     with torch.no_grad():
         start_loss = float((student(x_eval) - y_eval).square().mean())
     opt = _optimizer(method, student, lr)
-    if method.r:
-        pretrained = snapshot_base_weights(student)
-    else:
-        pretrained = {TRACKED: student[int(TRACKED)].weight.detach().clone()}
     g = torch.Generator().manual_seed(30_000 + seed)
+
+    def batch_loss() -> torch.Tensor:
+        x = torch.randn(BATCH, WIDTHS[0], generator=g)
+        return (student(x) - teacher(x)).square().mean() / start_loss
+
+    def eval_loss() -> float:
+        return float((student(x_eval) - y_eval).square().mean()) / start_loss
+
+    return tracked_run(student, opt, TRACKED, batch_loss, eval_loss, steps, eval_every)
+
+
+def tracked_run(model: nn.Module, opt: torch.optim.Optimizer, tracked: str, batch_loss: Callable[[], torch.Tensor],
+                eval_loss: Callable[[], float], steps: int, eval_every: int) -> list[dict[str, float]]:
+    """`steps` optimiser steps on `batch_loss`; every `eval_every` steps (and at 0 and the end) `eval_loss`, the
+    effective rank of the accumulated update W − W_start of the linear layer `tracked` (adapted or trained whole)
+    and the training seconds so far. Stops early (last loss inf) once the loss is not finite."""
+    adapted = bool(lora_factors(model))
+    if adapted:
+        pretrained = snapshot_base_weights(model)
+    else:
+        start = model.get_submodule(tracked).weight.detach().double().clone()
     curve: list[dict[str, float]] = []
     seconds = 0.0
 
     def evaluate(step: int) -> bool:
         with torch.no_grad():
-            loss = float((student(x_eval) - y_eval).square().mean()) / start_loss
-            if method.r:
-                update = accumulated_updates(student, pretrained)[TRACKED]
+            loss = eval_loss()
+            if adapted:
+                update = accumulated_updates(model, pretrained)[tracked]
             else:
-                update = student[int(TRACKED)].weight.detach().double() - pretrained[TRACKED].double()
+                update = model.get_submodule(tracked).weight.detach().double() - start
         finite = math.isfinite(loss)
         curve.append({"step": step, "loss": loss if finite else math.inf,
                       "rank": effective_rank(update).rank if finite else 0, "time_s": seconds})
@@ -104,10 +123,8 @@ def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_
 
     evaluate(0)
     for step in range(1, steps + 1):
-        x = torch.randn(BATCH, WIDTHS[0], generator=g)
         t0 = time.perf_counter()
-        loss = (student(x) - teacher(x)).square().mean() / start_loss
-        loss.backward()
+        batch_loss().backward()
         opt.step()
         opt.zero_grad()
         seconds += time.perf_counter() - t0
