@@ -45,14 +45,14 @@ def build_model(dtype: torch.dtype = torch.float32) -> nn.Module:
     return model.to(dtype).train()
 
 
-def global_batch(step: int, world_size: int) -> torch.Tensor:
+def global_batch(step: int, world_size: int, vocab: int = VOCAB) -> torch.Tensor:
     """Step `step`'s global batch: world_size × LOCAL_BATCH sequences, rank r's shard being rows r·LOCAL_BATCH…"""
-    return token_batch(VOCAB, batch=world_size * LOCAL_BATCH, length=LENGTH, seed=100 + step)
+    return token_batch(vocab, batch=world_size * LOCAL_BATCH, length=LENGTH, seed=100 + step)
 
 
-def local_batch(step: int, rank: int, world_size: int) -> torch.Tensor:
+def local_batch(step: int, rank: int, world_size: int, vocab: int = VOCAB) -> torch.Tensor:
     """Rank `rank`'s shard of step `step`'s global batch."""
-    return global_batch(step, world_size)[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
+    return global_batch(step, world_size, vocab)[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
 
 
 @contextmanager

@@ -1,10 +1,11 @@
-"""ScaLoRA under FSDP2 (`fully_shard`, gloo, CPU, two ranks) equals one process on the global batch; FSDP1, and
-ReLoRA on FSDP2, are refused with a clear message.
+"""ScaLoRA under FSDP2 (`fully_shard`, gloo, CPU, two ranks) equals one process on the global batch, on scalora's
+layers and on PEFT's (Llama's linear layers, GPT-2's Conv1D stored (in, out)); FSDP1, and ReLoRA on FSDP2, are
+refused with a clear message.
 
 Each rank holds half the rows of every weight, factor and moment: the system is summed from the ranks' partial
-r × r products and every rank folds into its own rows of W0 (`scalora.sharded`). In float64 the only difference from
-one process is the order of the sums (gradients reduce-scattered, Grams all-reduced), ~1e-14 of each tensor's
-largest entry.
+r × r products and every rank folds into its own rows of W0 (`scalora.sharded`; a W0 stored (in, out) takes its
+rows' columns of the update, from B whole). In float64 the only difference from one process is the order of the sums
+(gradients reduce-scattered, Grams all-reduced), ~1e-14 of each tensor's largest entry.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import socket
 import sys
 from pathlib import Path
 
-import dist_worker_common
 import fsdp_worker
 import pytest
 import torch
@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import Linear, Sequential
 
-from scalora import ConfigError, LoraConfig, apply_lora
+from scalora import ConfigError, LoraConfig, apply_lora, lora_factors
 from scalora.optim import ScaLoRA
 from scalora.relora import ReLoRA
 
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Both ranks' gathered models for every rule, from one torch.multiprocessing.start_processes (forked on Linux,
+    """Both ranks' gathered models for every case, from one torch.multiprocessing.start_processes (forked on Linux,
     as in tests/test_ddp.py)."""
     outdir = tmp_path_factory.mktemp("fsdp")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -46,16 +46,17 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return outdir
 
 
-@pytest.mark.parametrize("rule", list(fsdp_worker.RULES))
-def test_fsdp2_equals_one_process_on_the_global_batch(launched: Path, rule: str) -> None:
+@pytest.mark.parametrize("case", list(fsdp_worker.CASES))
+def test_fsdp2_equals_one_process_on_the_global_batch(launched: Path, case: str) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = fsdp_worker.train_single(rule, WORLD_SIZE)
+        single = fsdp_worker.train_single(case, WORLD_SIZE)
     finally:
         torch.set_num_threads(threads)
-    start = dist_worker_common.build_model(torch.float64).state_dict()
-    ranks = [torch.load(fsdp_worker.output_path(launched, rule, rank)) for rank in range(WORLD_SIZE)]
+    built = fsdp_worker.CASES[case].build(torch.float64)
+    start = built.state_dict()
+    ranks = [torch.load(fsdp_worker.output_path(launched, case, rank)) for rank in range(WORLD_SIZE)]
     assert ranks[0].keys() == ranks[1].keys() == single.keys()
     folded = 0
     for name, expected in single.items():
@@ -63,7 +64,7 @@ def test_fsdp2_equals_one_process_on_the_global_batch(launched: Path, rule: str)
             diff = float((state[name] - expected).abs().max())
             assert diff <= TOLERANCE * float(expected.abs().max()), f"{name} on rank {rank}: {diff:.3g}"
         folded += "base_layer" in name and not torch.equal(expected, start[name])
-    assert folded == dist_worker_common.LORA_LAYERS, "ScaLoRA must have folded into every base weight"
+    assert folded == len(lora_factors(built)), "ScaLoRA must have folded into every base weight"
 
 
 @pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])

@@ -170,10 +170,10 @@ class ScaLoRA(OptimizerWrapper):
                                   f"folds of quantised bases only unsharded: train it under DDP.")
             if layer.side_branch is not None and side_rank is not None:
                 layer.side_branch.capacity = side_rank
-            if is_sharded(layer.weight) and (layer.fan_in_fan_out or compensate):
-                what = "a compensation buffer (compensate=True)" if compensate else "a weight stored (in, out)"
-                raise ConfigError(f"layer {name!r} is sharded by FSDP2 and needs {what}, which ScaLoRA supports only "
-                                  f"unsharded: leave compensate unset (stochastic rounding), or train it under DDP.")
+            if is_sharded(layer.weight) and compensate:
+                raise ConfigError(f"layer {name!r} is sharded by FSDP2 and needs a compensation buffer "
+                                  f"(compensate=True), which ScaLoRA supports only unsharded: leave compensate unset "
+                                  f"(stochastic rounding), or train it under DDP.")
         self.interval = interval
         self.rule = rule
         self.c: float | str = c if c == "auto" else float(c)
@@ -300,8 +300,12 @@ class ScaLoRA(OptimizerWrapper):
             check_moments(self.optimizer.state.get(A, {}))
         # under FSDP2 this rank holds some rows of W0, B and A (`scalora.sharded`)
         rows, B_local = local_rows(A), local(B)
-        piece_B = torch.where(keep, B_local * (layer.scaling * (1.0 - scale_B * scale_A)).to(B.dtype), 0.0)
-        piece_A = torch.where(keep, A_whole, 0.0)
+        fold_B, fold_A = B_local, A_whole
+        if layer.fan_in_fan_out and is_sharded(layer.weight):
+            # W0 stored (in, out): its local rows are columns of the (out, in) update, folded with B whole
+            fold_B, fold_A = whole(B), A_whole[:, local_rows(layer.weight)]
+        piece_B = torch.where(keep, fold_B * (layer.scaling * (1.0 - scale_B * scale_A)).to(B.dtype), 0.0)
+        piece_A = torch.where(keep, fold_A, 0.0)
         refused = None
         if layer.weight.dtype == torch.float16:  # bf16 and fp32 share fp32's range: a finite fold cannot overflow
             refused = ~layer.fold_finite(piece_B, piece_A)

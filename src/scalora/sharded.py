@@ -14,6 +14,9 @@ only (`scalora.scaling_problem.optimizer_system`):
 Every rank then solves the same system to the same scales (α of the columns of B, β of the rows of A), folds
 s·B_local diag(1 − α⊙β) A into its own rows of W0, rescales its rows of B (all r columns) and its rows of A (the β
 entries of those rows), and transforms the moments on their shards. Nothing of size out × in travels.
+
+A W0 stored (in, out) (GPT-2's Conv1D, PEFT's ``fan_in_fan_out``) is sharded on its input dimension: its local rows
+are columns of the (out, in) update, so the fold gathers B (out × r, small) and takes those columns of A.
 """
 
 from __future__ import annotations
