@@ -67,7 +67,7 @@ def process_group(rank: int, world_size: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def rendezvous_on(port: int) -> None:
-    """Meet the other ranks at ``127.0.0.1:port`` (what torchrun would set)."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def rendezvous_on(port: int, rank: int, world_size: int) -> None:
+    """Meet the other ranks at ``127.0.0.1:port``: the variables torchrun would set (accelerate reads them too)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))

@@ -24,7 +24,7 @@ import torch
 from dist_worker_common import LR, STEPS, VOCAB, build_model, local_batch, process_group, rendezvous_on
 from tiny import tiny_gpt2, tiny_llama, train_steps
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from scalora import LoraConfig, apply_lora
 from scalora.optim import ScaLoRA
@@ -63,6 +63,7 @@ class Case:
     vocab: int
     rule: str
     c: float | None = None
+    engine: str = "fully_shard"  # or "accelerate": accelerate's FSDP2 plugin shards it (`accelerate_fsdp2`)
 
 
 #: every run: scalora's layers under both rules (the optimiser-aware default and the paper's); GPT-2's Conv1D with
@@ -73,6 +74,8 @@ CASES: dict[str, Case] = {
     "peft-llama": Case(peft_llama, VOCAB, "optimizer"),
     "scalora-gpt2-conv1d": Case(scalora_gpt2, GPT2_VOCAB, "optimizer"),
     "peft-gpt2-conv1d": Case(peft_gpt2, GPT2_VOCAB, "optimizer"),
+    "accelerate-scalora": Case(build_model, VOCAB, "optimizer", engine="accelerate"),
+    "accelerate-peft-llama": Case(peft_llama, VOCAB, "optimizer", engine="accelerate"),
 }
 
 
@@ -96,6 +99,31 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
+def accelerate_fsdp2(model: nn.Module, case: Case) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Shard `model` with accelerate's FSDP2 plugin (each decoder block, then the root) and prepare ScaLoRA with it,
+    built over the plain AdamW first: the order accelerate supports (model and optimiser prepared together).
+
+    On CPU accelerate ignores the plugin: `AcceleratorState` sets ``DistributedType.FSDP`` only for accelerator
+    devices (MULTI_GPU, MULTI_XPU, …) and a MULTI_CPU run is wrapped in DistributedDataParallel. So on CPU the state is
+    switched to FSDP once built; the rest (``fully_shard`` per the plugin's wrap policy, the optimiser's parameters
+    swapped for their shards) is accelerate's own `prepare`.
+    """
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per case in this process
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    accelerator = Accelerator(fsdp_plugin=plugin, cpu=True)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    prepared, optimizer = accelerator.prepare(model, make_optimizer(model, case))
+    assert isinstance(prepared, FSDPModule), f"accelerate prepared a {type(prepared).__name__}, not FSDP2"
+    return prepared, optimizer
+
+
 def train_single(name: str, world_size: int = 2) -> dict[str, torch.Tensor]:
     """One process, no sharding, on the whole global batch."""
     case = CASES[name]
@@ -113,15 +141,20 @@ def run(rank: int, world_size: int, outdir: str | Path) -> None:
     """One rank's work: join the gloo group (env:// rendezvous), train every case sharded, save the gathered model."""
     with process_group(rank, world_size):
         for name, case in CASES.items():
-            model = shard(case.build(torch.float64))
-            train_steps(model, make_optimizer(model, case),
-                        lambda step, case=case: local_batch(step, rank, world_size, case.vocab), STEPS)
+            model = case.build(torch.float64)
+            if case.engine == "accelerate":
+                model, optimizer = accelerate_fsdp2(model, case)
+            else:
+                model = shard(model)
+                optimizer = make_optimizer(model, case)
+            train_steps(model, optimizer, lambda step, case=case: local_batch(step, rank, world_size, case.vocab),
+                        STEPS)
             torch.save(whole_state(model), output_path(outdir, name, rank))
 
 
 def spawn_entry(rank: int, world_size: int, port: int, outdir: str) -> None:
     """Target for ``torch.multiprocessing.start_processes`` (which passes the rank first)."""
-    rendezvous_on(port)
+    rendezvous_on(port, rank, world_size)
     run(rank, world_size, outdir)
 
 

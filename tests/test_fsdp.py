@@ -70,12 +70,13 @@ def test_fsdp2_equals_one_process_on_the_global_batch(launched: Path, case: str)
 @pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])
 def test_unsupported_sharding_is_refused_with_a_clear_message(engine: str, tmp_path: Path) -> None:
     """FSDP1's flat parameters hold no whole row of W0 or B: refused. Under FSDP2 ReLoRA is refused, and so is a
-    ScaLoRA compensation buffer. Every message names what to use instead."""
+    ScaLoRA compensation buffer, also one asked for before the model was sharded (as accelerate shards it after
+    ScaLoRA is built): the first scaling step refuses it. Every message names what to use instead."""
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        model = apply_lora(Sequential(Linear(8, 8), Linear(8, 4)), LoraConfig(r=2, target_modules=["0", "1"]))
+        model = _small_lora_model()
         if engine == "fsdp1":
             model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
             with pytest.raises(ConfigError, match=r"FullyShardedDataParallel.*DistributedDataParallel"):
@@ -85,7 +86,31 @@ def test_unsupported_sharding_is_refused_with_a_clear_message(engine: str, tmp_p
             ScaLoRA(model, torch.optim.AdamW(model.parameters()))
             with pytest.raises(ConfigError, match=r"compensate=True.*stochastic rounding"):
                 ScaLoRA(model, torch.optim.AdamW(model.parameters()), compensate=True)
+            early = _small_lora_model()
+            optimizer = ScaLoRA(early, torch.optim.AdamW(early.parameters()), compensate=True)
+            fully_shard(early)
+            with pytest.raises(ConfigError, match=r"compensate=True.*stochastic rounding"):
+                optimizer.rescale()
         with pytest.raises(ConfigError, match="DistributedDataParallel"):
             ReLoRA(model, torch.optim.AdamW(model.parameters()), reset_every=2)
     finally:
         dist.destroy_process_group()
+
+
+def test_an_optimiser_prepared_by_accelerate_is_refused_naming_the_order_that_works() -> None:
+    """accelerate's FSDP2 swaps the optimiser's parameters for their shards when it prepares model and optimiser
+    together, so ScaLoRA goes into `prepare` with the model (tests/fsdp_worker.py), not around its result."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model = _small_lora_model()
+    try:
+        prepared = Accelerator(cpu=True).prepare(torch.optim.AdamW(model.parameters()))
+        with pytest.raises(ConfigError, match=r"accelerator\.prepare\(model, ScaLoRA\(model, "):
+            ScaLoRA(model, prepared)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _small_lora_model() -> Sequential:
+    return apply_lora(Sequential(Linear(8, 8), Linear(8, 4)), LoraConfig(r=2, target_modules=["0", "1"]))

@@ -165,15 +165,10 @@ class ScaLoRA(OptimizerWrapper):
         for name, layer in self.layers:
             if layer.alpha_vector is not None:
                 raise ConfigError(f"layer {name!r} has an α vector: ScaLoRA and α-LoRA cannot be combined.")
-            if layer.side_branch is not None and is_sharded(layer.lora_B):
-                raise ConfigError(f"layer {name!r} has a quantised base and is sharded by FSDP2; ScaLoRA keeps the "
-                                  f"folds of quantised bases only unsharded: train it under DDP.")
             if layer.side_branch is not None and side_rank is not None:
                 layer.side_branch.capacity = side_rank
-            if is_sharded(layer.weight) and compensate:
-                raise ConfigError(f"layer {name!r} is sharded by FSDP2 and needs a compensation buffer "
-                                  f"(compensate=True), which ScaLoRA supports only unsharded: leave compensate unset "
-                                  f"(stochastic rounding), or train it under DDP.")
+        self._check_sharded(bool(compensate))
+        self._sharding_checked = False  # checked again at the first scaling step: accelerate shards after this
         self.interval = interval
         self.rule = rule
         self.c: float | str = c if c == "auto" else float(c)
@@ -190,6 +185,20 @@ class ScaLoRA(OptimizerWrapper):
         #: layers whose folds are rounded stochastically: half-precision bases, unless `compensate` says otherwise
         self._stochastic = frozenset(i for i, (_, layer) in enumerate(self.layers) if compensate is None
                                      and layer.weight.dtype in (torch.float16, torch.bfloat16))
+
+    def _check_sharded(self, compensate: bool) -> None:
+        """Refuse layers sharded by FSDP2 that ScaLoRA folds only unsharded: a quantised base (its side branch) and
+        a compensation buffer (`compensate`, or one already kept)."""
+        for name, layer in self.layers:
+            if not (is_sharded(layer.weight) or is_sharded(layer.lora_B)):
+                continue
+            if layer.side_branch is not None:
+                raise ConfigError(f"layer {name!r} has a quantised base and is sharded by FSDP2; ScaLoRA keeps the "
+                                  f"folds of quantised bases only unsharded: train it under DDP.")
+            if compensate or layer.base_compensation is not None:
+                raise ConfigError(f"layer {name!r} is sharded by FSDP2 and needs a compensation buffer "
+                                  f"(compensate=True), which ScaLoRA supports only unsharded: leave compensate unset "
+                                  f"(stochastic rounding), or train it under DDP.")
 
     def __repr__(self) -> str:
         return (f"ScaLoRA(interval={self.interval}, rule={self.rule!r}, c={self.c!r}, tau={self.tau}, "
@@ -213,6 +222,9 @@ class ScaLoRA(OptimizerWrapper):
         their fold masked to zero, and the statistics stay on the device until read (`ScalingStats`). Side branches
         of quantised bases that the folds took above their capacity are recompressed (`scalora.side_branch.compress`).
         """
+        if not self._sharding_checked:
+            self._check_sharded(False)
+            self._sharding_checked = True
         group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_, layer) in enumerate(self.layers):

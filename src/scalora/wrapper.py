@@ -36,6 +36,10 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if isinstance(optimizer, OptimizerWrapper):
             raise ConfigError(f"the optimiser is already wrapped in {type(optimizer).__name__}.")
+        if type(optimizer).__name__ == "AcceleratedOptimizer":
+            raise ConfigError(f"the optimiser was prepared by accelerate; build {type(self).__name__} over the plain "
+                              f"optimiser and prepare it with the model: model, optimizer = accelerator.prepare(model, "
+                              f"{type(self).__name__}(model, torch.optim.AdamW(model.parameters()))).")
         self.layers: list[tuple[str, LoraFactors]] = lora_factors(model)
         if not self.layers:
             raise ConfigError("the model has no LoRA layers: add them with scalora.apply_lora(model, "
