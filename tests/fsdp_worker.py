@@ -33,9 +33,10 @@ GPT2_VOCAB = 97
 
 
 def peft_llama(dtype: torch.dtype) -> nn.Module:
-    """The tiny Llama with PEFT's LoRA layers (rank 4 on every linear layer), seeded."""
+    """The tiny Llama with PEFT's LoRA layers, seeded; rank 3 on every linear layer, so that two ranks hold unequal
+    shards of lora_A (2 rows and 1)."""
     torch.manual_seed(0)  # PEFT draws lora_A from the global generator
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules="all-linear")
     return peft.get_peft_model(tiny_llama(seed=0), config).to(dtype).train()
 
 

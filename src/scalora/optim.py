@@ -27,7 +27,7 @@ from scalora.errors import ConfigError
 from scalora.factors import LoraFactors
 from scalora.moments import check_moments, check_transformable, scale_moments
 from scalora.scaling_problem import optimizer_system, scaling_system
-from scalora.sharded import is_sharded, local, local_rows, local_state, sum_partial, whole
+from scalora.sharded import is_sharded, local, local_rows, local_state, sum_partial, whole, whole_stacked
 from scalora.side_branch import SideBranch, compress
 from scalora.solver import COLUMN, DEFAULT_TAU, IDENTITY, MODES, SCALAR, Scales, solve_system
 from scalora.wrapper import OptimizerWrapper
@@ -275,10 +275,13 @@ class ScaLoRA(OptimizerWrapper):
         and lora_B), by the paper's rule or from the wrapped optimiser's next step; and their lora_A, stacked whole
         (gathered under FSDP2), for the folds."""
         layers = [self.layers[i][1] for i in indices]
-        # under FSDP2, A whole and B's local rows: the system is then this rank's partial sum (`scalora.sharded`)
-        A = torch.stack([whole(layer.lora_A) for layer in layers])
+        # under FSDP2, A whole and B's local rows: the system is then this rank's partial sum (`scalora.sharded`);
+        # A, its gradient and its direction are gathered in one call
+        A_side = [layer.lora_A for layer in layers] + [layer.lora_A.grad for layer in layers]
+        if self.rule == "optimizer":
+            A_side += [next_direction(self.optimizer, group_A, layer.lora_A) for layer in layers]
+        A, grad_A, *dirs_A = whole_stacked(A_side).split(len(layers))
         B = torch.stack([local(layer.lora_B) for layer in layers])
-        grad_A = torch.stack([whole(layer.lora_A.grad) for layer in layers])
         grad_B = torch.stack([local(layer.lora_B.grad) for layer in layers])
         scaling = self._scaling(indices, A.device)
         if self.rule == "paper":
@@ -286,10 +289,9 @@ class ScaLoRA(OptimizerWrapper):
         else:
             # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
             ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
-            dirs_A = torch.stack([whole(next_direction(self.optimizer, group_A, layer.lora_A)) for layer in layers])
             dirs_B = torch.stack([local(next_direction(self.optimizer, group_B, layer.lora_B)) * ratio
                                   for layer in layers])
-            H, lam, second = optimizer_system(A, B, grad_A, grad_B, dirs_A, dirs_B)
+            H, lam, second = optimizer_system(A, B, grad_A, grad_B, dirs_A[0], dirs_B)
         if is_sharded(layers[0].lora_B):
             H, lam, second = sum_partial(layers[0].lora_B, H, lam, second)
         return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second,

@@ -4,7 +4,8 @@ FSDP2 keeps every parameter as a `DTensor` sharded on dim 0: each rank holds som
 (out × r) and of A (r × in), and of their gradients and optimiser moments. ScaLoRA's system needs r × r Gram products
 only (`scalora.scaling_problem.optimizer_system`):
 
-* A is small (r × in), so A, its gradient and its direction are gathered whole;
+* A is small (r × in), so A, its gradient and its direction are gathered whole, all layers of one shape in one
+  all-gather;
 * the B-side products BᵀB, Bᵀ U_B, U_Bᵀ U_B and coldot(∂ℓ/∂B, U_B) are sums over the rows of B, so each rank's
   products over its own rows are partial sums. H, the β block of λ and ‖U_B U_A‖² are linear in them, so the system
   built from the local rows of B and the whole A is the rank's partial system: summed over the ranks (one
@@ -53,6 +54,24 @@ def local_rows(tensor: Tensor) -> slice:
     per_rank = -(-tensor.shape[0] // mesh.size())
     start = min(mesh.get_local_rank() * per_rank, tensor.shape[0])
     return slice(start, start + local(tensor).shape[0])
+
+
+def whole_stacked(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack`` of the whole `tensors` (of one shape, sharded alike or all plain), gathered from their shards in
+    one all-gather: each rank's shards, padded to the largest shard's rows, go in one buffer."""
+    if not is_sharded(tensors[0]):
+        return torch.stack(tensors)
+    mesh, rows = tensors[0].device_mesh, tensors[0].shape[0]
+    per_rank = -(-rows // mesh.size())
+    shards = torch.stack([local(t) for t in tensors])
+    mine = shards.new_zeros((len(tensors), per_rank) + shards.shape[2:])
+    mine[:, :shards.shape[1]] = shards
+    gathered = mine.new_empty((mesh.size() * len(tensors),) + mine.shape[1:])
+    dist.all_gather_into_tensor(gathered, mine, group=mesh.get_group())
+    # (ranks, n, per_rank, …) → (n, ranks · per_rank, …): every shard but the last ones is full, so the first
+    # `rows` rows are the tensor's
+    gathered = gathered.view((mesh.size(),) + mine.shape).transpose(0, 1)
+    return gathered.reshape((len(tensors), -1) + shards.shape[2:])[:, :rows]
 
 
 def local_state(state: dict) -> dict:
