@@ -289,8 +289,7 @@ class ScaLoRA(OptimizerWrapper):
         else:
             # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
             ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
-            dirs_B = torch.stack([local(next_direction(self.optimizer, group_B, layer.lora_B)) * ratio
-                                  for layer in layers])
+            dirs_B = torch.stack([next_direction(self.optimizer, group_B, layer.lora_B) * ratio for layer in layers])
             H, lam, second = optimizer_system(A, B, grad_A, grad_B, dirs_A[0], dirs_B)
         if is_sharded(layers[0].lora_B):
             H, lam, second = sum_partial(layers[0].lora_B, H, lam, second)

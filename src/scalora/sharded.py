@@ -26,14 +26,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support, or older than FSDP2
+    DTensor = None
+
 
 def is_sharded(tensor: Tensor) -> bool:
     """True for a `DTensor` (a parameter sharded by FSDP2)."""
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+    return DTensor is not None and isinstance(tensor, DTensor)
 
 
 def whole(tensor: Tensor) -> Tensor:
@@ -56,9 +57,14 @@ def local_rows(tensor: Tensor) -> slice:
     return slice(start, start + local(tensor).shape[0])
 
 
+#: all-gather into one tensor, under its newer name where torch has it (the old one warns of its deprecation)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def whole_stacked(tensors: list[Tensor]) -> Tensor:
     """``torch.stack`` of the whole `tensors` (of one shape, sharded alike or all plain), gathered from their shards in
-    one all-gather: each rank's shards, padded to the largest shard's rows, go in one buffer."""
+    one all-gather: each rank's shards, padded to the largest shard's rows, go in one buffer. When the first is
+    sharded, the others may be given as this rank's shards already (plain tensors)."""
     if not is_sharded(tensors[0]):
         return torch.stack(tensors)
     mesh, rows = tensors[0].device_mesh, tensors[0].shape[0]
@@ -67,7 +73,7 @@ def whole_stacked(tensors: list[Tensor]) -> Tensor:
     mine = shards.new_zeros((len(tensors), per_rank) + shards.shape[2:])
     mine[:, :shards.shape[1]] = shards
     gathered = mine.new_empty((mesh.size() * len(tensors),) + mine.shape[1:])
-    dist.all_gather_into_tensor(gathered, mine, group=mesh.get_group())
+    _all_gather_single(gathered, mine, group=mesh.get_group())
     # (ranks, n, per_rank, …) → (n, ranks · per_rank, …): every shard but the last ones is full, so the first
     # `rows` rows are the tensor's
     gathered = gathered.view((mesh.size(),) + mine.shape).transpose(0, 1)
