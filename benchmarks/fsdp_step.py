@@ -66,6 +66,12 @@ def llama_linear_shapes(layers: int, hidden: int, intermediate: int, kv_hidden: 
     return block * layers
 
 
+def llama_parameters(layers: int, hidden: int, intermediate: int, kv_hidden: int, vocab: int = 32000) -> int:
+    """The parameters of a Llama with untied input and output embeddings (Llama-2 7B: 6,738,415,616)."""
+    linear = sum(fan_in * fan_out for fan_in, fan_out in llama_linear_shapes(1, hidden, intermediate, kv_hidden))
+    return 2 * vocab * hidden + layers * (linear + 2 * hidden) + hidden
+
+
 def scaling_step_traffic(shapes: Sequence[tuple[int, int]], r: int, rule: str = "optimizer",
                          element_bytes: int = 4) -> dict[str, dict[str, int]]:
     """Collectives (calls and payload bytes by kind) of one ScaLoRA scaling step under FSDP2, for LoRA layers of
@@ -199,6 +205,8 @@ def report(settings: dict[str, int], measured: dict[str, Any], argv: Sequence[st
     r = big.pop("r")
     big_shapes = llama_linear_shapes(**big)
     big_traffic = scaling_step_traffic(big_shapes, r)
+    # FSDP2 gathers every bf16 weight in the forward and again in the backward (reshard_after_forward=True)
+    fsdp2_gathers = 2 * 2 * llama_parameters(**big)
     return {
         "command": common.command_line(__file__, argv),
         "environment": common.environment(),
@@ -220,6 +228,8 @@ def report(settings: dict[str, int], measured: dict[str, Any], argv: Sequence[st
             # gathering A whole once (the fold into W0's rows needs it), float32
             "A_whole_bytes": sum(r * fan_in for fan_in, _ in big_shapes) * 4,
             "prototype_bytes": PROTOTYPE_BYTES,
+            "fsdp2_step_gather_bytes_bf16": fsdp2_gathers,
+            "extra_fraction": totals(big_traffic)["bytes"] / fsdp2_gathers,
         },
     }
 
@@ -255,7 +265,11 @@ def to_markdown(rep: dict[str, Any]) -> str:
             for kind, figures in kinds.items():
                 lines.append(f"| {name} | {part} | {kind} | {figures['calls']} | {_size(figures['bytes'])} |")
     extra = rep["collectives"]["scalora_step_extra"]
-    lines += ["", f"ScaLoRA's scaling step, measured = computed from the layer shapes: **{extra['agree']}**.", ""]
+    lora_bytes = sum(kind["bytes"] for kind in rep["collectives"]["measured"]["lora"]["whole_step"].values())
+    extra_bytes = sum(kind["bytes"] for kind in extra["measured"].values())
+    lines += ["", f"ScaLoRA's scaling step, measured = computed from the layer shapes: **{extra['agree']}**. It adds "
+                  f"{_size(extra_bytes)} to the {_size(lora_bytes)} that FSDP2 moves in a LoRA step "
+                  f"({100 * extra_bytes / lora_bytes:.1f} %).", ""]
     big = rep["llama_7b"]
     lines += [f"## Computed for a 7 B Llama ({big['shape']['layers']} blocks, hidden {big['shape']['hidden']}, MLP "
               f"{big['shape']['intermediate']}, r = {big['shape']['r']} on all {big['lora_layers']} linear layers, "
@@ -264,6 +278,9 @@ def to_markdown(rep: dict[str, Any]) -> str:
     for kind, figures in big["scaling_step"].items():
         lines.append(f"| {kind} | {figures['calls']} | {_size(figures['bytes'])} |")
     lines.append(f"| total | {big['total']['calls']} | {_size(big['total']['bytes'])} |")
+    lines += ["", f"FSDP2 itself gathers every weight in the forward and again in the backward: "
+                  f"{big['fsdp2_step_gather_bytes_bf16'] / 2**30:.1f} GiB per step in bf16, so a scaling step adds "
+                  f"{100 * big['extra_fraction']:.2f} % to the traffic, in 6 calls."]
     lines += ["", f"The prototype's ≈ {big['prototype_bytes'] / 1e3:.0f} KB is six r × r float32 Gram matrices per "
                   f"layer all-reduced: {_size(big['six_grams_bytes'])}. It leaves out A: the fold into a rank's rows "
                   f"of W0 needs A whole, at least one gather of r × in per layer, {_size(big['A_whole_bytes'])}; "

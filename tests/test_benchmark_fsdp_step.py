@@ -26,6 +26,7 @@ def test_llama_7b_scaling_step_traffic() -> None:
     assert traffic["all_gather"]["calls"] == traffic["all_reduce"]["calls"] == 3
     assert traffic["all_reduce"]["bytes"] == 224 * (4 * 64 + 8 + 1) * 4
     assert traffic["all_gather"]["bytes"] == 3 * 8 * 4 * 32 * (6 * 4096 + 11008)
+    assert fsdp_step.llama_parameters(32, 4096, 11008, 4096) == 6_738_415_616
     paper = fsdp_step.scaling_step_traffic(shapes, 8, rule="paper")
     assert paper["all_gather"]["bytes"] == traffic["all_gather"]["bytes"] * 2 // 3
 
