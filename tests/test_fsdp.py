@@ -1,6 +1,7 @@
 """ScaLoRA under FSDP2 (`fully_shard`, gloo, CPU, two ranks) equals one process on the global batch, on scalora's
-layers and on PEFT's (Llama's linear layers, GPT-2's Conv1D stored (in, out)); FSDP1, and ReLoRA on FSDP2, are
-refused with a clear message.
+layers and on PEFT's (Llama's linear layers, GPT-2's Conv1D stored (in, out)), sharded by ``fully_shard`` or by
+accelerate's FSDP2 plugin; FSDP1, ReLoRA on FSDP2 and an optimiser accelerate already prepared are refused with a
+clear message.
 
 Each rank holds half the rows of every weight, factor and moment: the system is summed from the ranks' partial
 r × r products and every rank folds into its own rows of W0 (`scalora.sharded`; a W0 stored (in, out) takes its
