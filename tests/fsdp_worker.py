@@ -68,7 +68,7 @@ class Case:
 
 
 #: every run: scalora's layers under both rules (the optimiser-aware default and the paper's); GPT-2's Conv1D with
-#: scalora's layers; PEFT's layers
+#: scalora's layers; PEFT's layers; scalora's and PEFT's Llama sharded by accelerate
 CASES: dict[str, Case] = {
     "scalora-optimizer": Case(build_model, VOCAB, "optimizer"),
     "scalora-paper": Case(build_model, VOCAB, "paper", 1.0),
@@ -104,8 +104,9 @@ def accelerate_fsdp2(model: nn.Module, case: Case) -> tuple[nn.Module, torch.opt
     """Shard `model` with accelerate's FSDP2 plugin (each decoder block, then the root) and prepare ScaLoRA with it,
     built over the plain AdamW first: the order accelerate supports (model and optimiser prepared together).
 
-    On CPU accelerate ignores the plugin: `AcceleratorState` sets ``DistributedType.FSDP`` only for accelerator
-    devices (MULTI_GPU, MULTI_XPU, …) and a MULTI_CPU run is wrapped in DistributedDataParallel. So on CPU the state is
+    On CPU accelerate ignores the plugin: `AcceleratorState.__init__` (accelerate 1.15, state.py) sets
+    ``DistributedType.FSDP`` only for accelerator devices (MULTI_GPU, MULTI_XPU, …), and `prepare` wraps a MULTI_CPU
+    run's model in DistributedDataParallel. So on CPU the state is
     switched to FSDP once built; the rest (``fully_shard`` per the plugin's wrap policy, the optimiser's parameters
     swapped for their shards) is accelerate's own `prepare`.
     """
