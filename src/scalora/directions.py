@@ -9,7 +9,8 @@ gradient g, `next_direction` returns U with ``p ← p − lr · U`` to first ord
 * SGD: U = buf ← μ buf + (1 − dampening) g (Nesterov: g + μ buf), or g without momentum. U scales with g, so the
   change of W is quadratic in the scales, as in the paper's derivation.
 
-Both read only what the optimiser keeps (no step is taken, no state is changed).
+Both read only what the optimiser keeps (no step is taken, no state is changed); under FSDP2, only this rank's
+shard of it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from scalora.errors import ConfigError
+from scalora.sharded import local, local_state
 
 
 def scale_invariant(optimizer: torch.optim.Optimizer) -> bool:
@@ -33,11 +35,15 @@ def scale_invariant(optimizer: torch.optim.Optimizer) -> bool:
 
 @torch.no_grad()
 def next_direction(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> torch.Tensor:
-    """U such that the optimiser's next step moves `param` by −lr·U (first order; `param.grad` must be set)."""
-    grad = param.grad
+    """U such that the optimiser's next step moves `param` by −lr·U (first order; `param.grad` must be set).
+
+    For a parameter sharded by FSDP2, U of this rank's shard (computed on plain tensors, without DTensor's
+    per-operation overhead)."""
+    grad = local(param.grad)
     if group.get("maximize", False):
         grad = -grad
-    state = optimizer.state.get(param, {})
+    state = local_state(optimizer.state.get(param, {}))
+    param = local(param)
     if isinstance(optimizer, torch.optim.Adam):
         if group["weight_decay"] and not group.get("decoupled_weight_decay", False):
             grad = grad.add(param, alpha=group["weight_decay"])  # Adam's L2 term enters the moments

@@ -27,7 +27,7 @@ from scalora.errors import ConfigError
 from scalora.factors import LoraFactors
 from scalora.moments import check_moments, check_transformable, scale_moments
 from scalora.scaling_problem import optimizer_system, scaling_system
-from scalora.sharded import is_sharded, local, local_rows, local_state, sum_partial, whole
+from scalora.sharded import is_sharded, local, local_rows, local_state, sum_partial, whole, whole_stacked
 from scalora.side_branch import SideBranch, compress
 from scalora.solver import (
     AUTO_RULES,
@@ -189,15 +189,10 @@ class ScaLoRA(OptimizerWrapper):
         for name, layer in self.layers:
             if layer.alpha_vector is not None:
                 raise ConfigError(f"layer {name!r} has an α vector: ScaLoRA and α-LoRA cannot be combined.")
-            if layer.side_branch is not None and is_sharded(layer.lora_B):
-                raise ConfigError(f"layer {name!r} has a quantised base and is sharded by FSDP2; ScaLoRA keeps the "
-                                  f"folds of quantised bases only unsharded: train it under DDP.")
             if layer.side_branch is not None and side_rank is not None:
                 layer.side_branch.capacity = side_rank
-            if is_sharded(layer.weight) and (layer.fan_in_fan_out or compensate):
-                what = "a compensation buffer (compensate=True)" if compensate else "a weight stored (in, out)"
-                raise ConfigError(f"layer {name!r} is sharded by FSDP2 and needs {what}, which ScaLoRA supports only "
-                                  f"unsharded: leave compensate unset (stochastic rounding), or train it under DDP.")
+        self._check_sharded(bool(compensate))
+        self._sharding_checked = False  # checked again at the first scaling step: accelerate shards after this
         self.interval = interval
         self.rule = rule
         self.c: float | str = c if isinstance(c, str) else float(c)
@@ -215,6 +210,20 @@ class ScaLoRA(OptimizerWrapper):
         #: layers whose folds are rounded stochastically: half-precision bases, unless `compensate` says otherwise
         self._stochastic = frozenset(i for i, (_, layer) in enumerate(self.layers) if compensate is None
                                      and layer.weight.dtype in (torch.float16, torch.bfloat16))
+
+    def _check_sharded(self, compensate: bool) -> None:
+        """Refuse layers sharded by FSDP2 that ScaLoRA folds only unsharded: a quantised base (its side branch) and
+        a compensation buffer (`compensate`, or one already kept)."""
+        for name, layer in self.layers:
+            if not (is_sharded(layer.weight) or is_sharded(layer.lora_B)):
+                continue
+            if layer.side_branch is not None:
+                raise ConfigError(f"layer {name!r} has a quantised base and is sharded by FSDP2; ScaLoRA keeps the "
+                                  f"folds of quantised bases only unsharded: train it under DDP.")
+            if compensate or layer.base_compensation is not None:
+                raise ConfigError(f"layer {name!r} is sharded by FSDP2 and needs a compensation buffer "
+                                  f"(compensate=True), which ScaLoRA supports only unsharded: leave compensate unset "
+                                  f"(stochastic rounding), or train it under DDP.")
 
     def __repr__(self) -> str:
         return (f"ScaLoRA(interval={self.interval}, rule={self.rule!r}, c={self.c!r}, tau={self.tau}, "
@@ -239,6 +248,9 @@ class ScaLoRA(OptimizerWrapper):
         their fold masked to zero, and the statistics stay on the device until read (`ScalingStats`). Side branches
         of quantised bases that the folds took above their capacity are recompressed (`scalora.side_branch.compress`).
         """
+        if not self._sharding_checked:
+            self._check_sharded(False)
+            self._sharding_checked = True
         group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_, layer) in enumerate(self.layers):
@@ -291,10 +303,13 @@ class ScaLoRA(OptimizerWrapper):
         and lora_B), by the paper's rule or from the wrapped optimiser's next step; and their lora_A, stacked whole
         (gathered under FSDP2), for the folds."""
         layers = [self.layers[i][1] for i in indices]
-        # under FSDP2, A whole and B's local rows: the system is then this rank's partial sum (`scalora.sharded`)
-        A = torch.stack([whole(layer.lora_A) for layer in layers])
+        # under FSDP2, A whole and B's local rows: the system is then this rank's partial sum (`scalora.sharded`);
+        # A, its gradient and its direction are gathered in one call
+        A_side = [layer.lora_A for layer in layers] + [layer.lora_A.grad for layer in layers]
+        if self.rule == "optimizer":
+            A_side += [next_direction(self.optimizer, group_A, layer.lora_A) for layer in layers]
+        A, grad_A, *dirs_A = whole_stacked(A_side).split(len(layers))
         B = torch.stack([local(layer.lora_B) for layer in layers])
-        grad_A = torch.stack([whole(layer.lora_A.grad) for layer in layers])
         grad_B = torch.stack([local(layer.lora_B.grad) for layer in layers])
         scaling = self._scaling(indices, A.device)
         if self.rule == "paper":
@@ -302,10 +317,8 @@ class ScaLoRA(OptimizerWrapper):
         else:
             # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
             ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
-            dirs_A = torch.stack([whole(next_direction(self.optimizer, group_A, layer.lora_A)) for layer in layers])
-            dirs_B = torch.stack([local(next_direction(self.optimizer, group_B, layer.lora_B)) * ratio
-                                  for layer in layers])
-            H, lam, second, norms = optimizer_system(A, B, grad_A, grad_B, dirs_A, dirs_B)
+            dirs_B = torch.stack([next_direction(self.optimizer, group_B, layer.lora_B) * ratio for layer in layers])
+            H, lam, second, norms = optimizer_system(A, B, grad_A, grad_B, dirs_A[0], dirs_B)
         if is_sharded(layers[0].lora_B):
             H, lam, second, norms = sum_partial(layers[0].lora_B, H, lam, second, norms)
         return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second, lr=group_A["lr"],
@@ -328,8 +341,12 @@ class ScaLoRA(OptimizerWrapper):
             check_moments(self.optimizer.state.get(A, {}))
         # under FSDP2 this rank holds some rows of W0, B and A (`scalora.sharded`)
         rows, B_local = local_rows(A), local(B)
-        piece_B = torch.where(keep, B_local * (layer.scaling * (1.0 - scale_B * scale_A)).to(B.dtype), 0.0)
-        piece_A = torch.where(keep, A_whole, 0.0)
+        fold_B, fold_A = B_local, A_whole
+        if layer.fan_in_fan_out and is_sharded(layer.weight):
+            # W0 stored (in, out): its local rows are columns of the (out, in) update, folded with B whole
+            fold_B, fold_A = whole(B), A_whole[:, local_rows(layer.weight)]
+        piece_B = torch.where(keep, fold_B * (layer.scaling * (1.0 - scale_B * scale_A)).to(B.dtype), 0.0)
+        piece_A = torch.where(keep, fold_A, 0.0)
         refused = None
         if layer.weight.dtype == torch.float16:  # bf16 and fp32 share fp32's range: a finite fold cannot overflow
             refused = ~layer.fold_finite(piece_B, piece_A)

@@ -12,6 +12,7 @@ W0 of the adapted layers (scalora's or PEFT's, through `scalora.factors`). Hence
 
 from __future__ import annotations
 
+import sys
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,11 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if isinstance(optimizer, OptimizerWrapper):
             raise ConfigError(f"the optimiser is already wrapped in {type(optimizer).__name__}.")
+        accelerated = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
+        if accelerated is not None and isinstance(optimizer, accelerated):
+            raise ConfigError(f"the optimiser was prepared by accelerate; build {type(self).__name__} over the plain "
+                              f"optimiser and prepare it with the model: model, optimizer = accelerator.prepare(model, "
+                              f"{type(self).__name__}(model, torch.optim.AdamW(model.parameters()))).")
         self.layers: list[tuple[str, LoraFactors]] = self.find_layers(model)
         if not self.layers:
             raise ConfigError("the model has no LoRA layers: add them with scalora.apply_lora(model, "
