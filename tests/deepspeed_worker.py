@@ -179,8 +179,7 @@ def run(rank: int, world_size: int, outdir: str | Path) -> None:
 
 def spawn_entry(rank: int, world_size: int, port: int, outdir: str) -> None:
     """Target for ``torch.multiprocessing.start_processes`` (which passes the rank first)."""
-    rendezvous_on(port)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    rendezvous_on(port, rank, world_size)
     run(rank, world_size, outdir)
 
 
