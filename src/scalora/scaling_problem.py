@@ -164,6 +164,15 @@ def scaling_system(
     return H, lam
 
 
+def _c_or_inf(numerator: Tensor, per_s2: Tensor, scaling: float | Tensor) -> Tensor:
+    """c = numerator / (s² · per_s2) per layer, the form both automatic rules take; inf where either is 0 (the
+    bound says nothing there: the caller maps the layer to the identity)."""
+    s2 = scaling**2 if isinstance(scaling, (int, float)) else scaling.to(numerator.dtype).square()
+    denom = s2 * per_s2
+    ok = (denom > 0) & (numerator > 0)
+    return torch.where(ok, numerator / torch.where(ok, denom, torch.ones_like(denom)), float("inf"))
+
+
 def _quad(H: Tensor, x: Tensor) -> Tensor:
     """xᵀ H x over the trailing dims (batched), clamped at 0 (H is PSD up to rounding)."""
     return (x.unsqueeze(-2) @ H @ x.unsqueeze(-1)).squeeze(-1).squeeze(-1).clamp_min(0.0)
@@ -188,11 +197,7 @@ def lora_step_c(H: Tensor, v: Tensor, norms: Tensor, scaling: float | Tensor, fa
     dt = v.dtype
     norms = norms.to(dt).clamp_min(0.0).sqrt()
     d = torch.where(norms > 0, factor_norm / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
-    first, lora = _quad(H, v).sqrt(), _quad(H, d).sqrt()
-    s2 = scaling**2 if isinstance(scaling, (int, float)) else scaling.to(dt).square()
-    denom = s2 * lora
-    ok = (denom > 0) & (first > 0)
-    return torch.where(ok, first / torch.where(ok, denom, torch.ones_like(denom)), float("inf"))
+    return _c_or_inf(_quad(H, v).sqrt(), _quad(H, d).sqrt(), scaling)
 
 
 def objective(H: Tensor, lam: Tensor, v: Tensor) -> Tensor:
@@ -242,12 +247,6 @@ def first_order_c(H: Tensor, v: Tensor, second: Tensor, scaling: float | Tensor,
     """
     if not (0 < tau < float("inf")):
         raise ValueError(f"tau must be positive and finite, got {tau}")
-    dt = v.dtype
-    first = _quad(H, v).sqrt()
-    s2 = scaling**2 if isinstance(scaling, (int, float)) else scaling.to(dt).square()
-    eta = lr if isinstance(lr, (int, float)) else lr.to(dt)
-    denom = second.to(dt).clamp_min(0.0).sqrt() * s2 * eta
-    ok = (denom > 0) & (first > 0)
-    inf = torch.full_like(first, float("inf"))
-    return torch.where(ok, tau * first / torch.where(ok, denom, torch.ones_like(denom)), inf)
+    eta = lr if isinstance(lr, (int, float)) else lr.to(v.dtype)
+    return _c_or_inf(tau * _quad(H, v).sqrt(), eta * second.to(v.dtype).clamp_min(0.0).sqrt(), scaling)
 
