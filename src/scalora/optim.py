@@ -367,8 +367,6 @@ class ScaLoRA(OptimizerWrapper):
     def _stats(self, kinds: list[torch.Tensor], scales_B: list[torch.Tensor], scales_A: list[torch.Tensor],
                refused: list[tuple[str, torch.Tensor]], branches: list[SideBranch]) -> ScalingStats:
         """The step's statistics as one device tensor (nothing is read back here)."""
-        if not kinds:
-            return ScalingStats(step=self.num_steps)
         kind = torch.cat(kinds)
         scale_B, scale_A = torch.cat(scales_B).double(), torch.cat(scales_A).double()
         self._identity_total = self._identity_total + (kind == IDENTITY).sum()
