@@ -170,8 +170,17 @@ class TrainConfig:
     @property
     def learning_rate(self) -> float:
         """``lr``, else the method's default (`Method.default_lr`)."""
-        return self.lr if self.lr is not None else METHODS[self.method].default_lr(
-            self.scalora_rule == "optimizer" and self.scalora_c is None and self.scalora_auto_c == "first-order")
+        if self.lr is not None:
+            return self.lr
+        return METHODS[self.method].default_lr(self.scalora_c_choice == "first-order")
+
+    @property
+    def scalora_c_choice(self) -> float | str | None:
+        """ScaLoRA's ``c``: ``scalora_c``, else the optimizer rule's ``scalora_auto_c``, else None (the paper rule's
+        default)."""
+        if self.scalora_c is None and self.scalora_rule == "optimizer":
+            return self.scalora_auto_c
+        return self.scalora_c
 
     @property
     def interval(self) -> int:

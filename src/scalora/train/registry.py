@@ -48,10 +48,8 @@ def _restarts(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def _scalora(cfg: TrainConfig, model: nn.Module, inner: torch.optim.Optimizer) -> ScaLoRA:
-    auto = cfg.scalora_c is None and cfg.scalora_rule == "optimizer"
-    return ScaLoRA(model, inner, interval=cfg.interval, rule=cfg.scalora_rule,
-                   c=cfg.scalora_auto_c if auto else cfg.scalora_c, tau=cfg.scalora_tau,
-                   factor_norm=cfg.scalora_factor_norm, mode=cfg.scalora_mode,
+    return ScaLoRA(model, inner, interval=cfg.interval, rule=cfg.scalora_rule, c=cfg.scalora_c_choice,
+                   tau=cfg.scalora_tau, factor_norm=cfg.scalora_factor_norm, mode=cfg.scalora_mode,
                    transfer_moments=cfg.scalora_transfer_moments)
 
 
