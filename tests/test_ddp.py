@@ -18,7 +18,6 @@ relative to their tensor's largest entry (plain LoRA + AdamW under DDP already d
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,6 @@ import dist_worker_common
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 WORLD_SIZE = 2
 # Largest allowed |DDP − single| per tensor, relative to the tensor's largest entry.
@@ -38,12 +36,6 @@ CASE_IDS = [f"interval{interval}-{str(dtype).removeprefix('torch.')}" for interv
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _load(outdir: Path, interval: int, dtype: torch.dtype) -> list[dict[str, Any]]:
@@ -78,9 +70,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     forked workers do. A fresh interpreter per rank is covered by the torchrun test.
     """
     outdir = tmp_path_factory.mktemp("ddp")
-    start_method = "fork" if sys.platform.startswith("linux") else "spawn"
-    mp.start_processes(ddp_worker.spawn_entry, args=(WORLD_SIZE, _free_port(), str(outdir)), nprocs=WORLD_SIZE,
-                       join=True, start_method=start_method)
+    dist_worker_common.start_ranks(ddp_worker.spawn_entry, WORLD_SIZE, str(outdir))
     return outdir
 
 
@@ -146,7 +136,7 @@ def test_torchrun_launch(tmp_path: Path) -> None:
     worker = Path(ddp_worker.__file__)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD_SIZE}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), str(tmp_path)]
+               "--master_addr=127.0.0.1", f"--master_port={dist_worker_common.free_port()}", str(worker), str(tmp_path)]
     done = subprocess.run(command, cwd=worker.parent, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     for interval, dtype in ddp_worker.CASES:

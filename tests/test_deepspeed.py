@@ -13,8 +13,6 @@ the largest entry itself.
 from __future__ import annotations
 
 import importlib.util
-import socket
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +20,6 @@ import dist_worker_common
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from scalora import ConfigError
 from scalora.factors import lora_factors
@@ -49,12 +46,7 @@ def worker():
 def launched(worker, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both ranks' results for every run, from one torch.multiprocessing.start_processes (forked on Linux)."""
     outdir = tmp_path_factory.mktemp("deepspeed")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    start_method = "fork" if sys.platform.startswith("linux") else "spawn"
-    mp.start_processes(worker.spawn_entry, args=(WORLD_SIZE, port, str(outdir)), nprocs=WORLD_SIZE, join=True,
-                       start_method=start_method)
+    dist_worker_common.start_ranks(worker.spawn_entry, WORLD_SIZE, str(outdir))
     return outdir
 
 

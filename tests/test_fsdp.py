@@ -11,15 +11,13 @@ rows' columns of the update, from B whole). In float64 the only difference from 
 
 from __future__ import annotations
 
-import socket
-import sys
 from pathlib import Path
 
+import dist_worker_common
 import fsdp_worker
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn import Linear, Sequential
 
 from scalora import ConfigError, LoraConfig, apply_lora, lora_factors
@@ -38,12 +36,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both ranks' gathered models for every case, from one torch.multiprocessing.start_processes (forked on Linux,
     as in tests/test_ddp.py)."""
     outdir = tmp_path_factory.mktemp("fsdp")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    start_method = "fork" if sys.platform.startswith("linux") else "spawn"
-    mp.start_processes(fsdp_worker.spawn_entry, args=(WORLD_SIZE, port, str(outdir)), nprocs=WORLD_SIZE, join=True,
-                       start_method=start_method)
+    dist_worker_common.start_ranks(fsdp_worker.spawn_entry, WORLD_SIZE, str(outdir))
     return outdir
 
 
