@@ -22,10 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from scalora.config import LoraConfig
-from scalora.model import apply_lora
 from scalora.train.models import load_model
-from scalora.train.planted import PlantedMethod, tracked_run
+from scalora.train.planted import PlantedMethod, adapter_optimizer, tracked_run
 
 N_FACTS = 256
 N_CLASSES = 16
@@ -76,10 +74,7 @@ def _optimizer(method: PlantedMethod, model: nn.Module, lr: float) -> torch.opti
         for w in weights:
             w.requires_grad_(True)
         return torch.optim.AdamW(weights, lr=lr, weight_decay=0.0)
-    apply_lora(model, LoraConfig(r=method.r, lora_alpha=2 * method.r, target_modules="all-linear",
-                                 exclude_modules=["classifier"]))
-    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    return inner if method.wrapper is None else method.wrapper(model, inner, **method.options)
+    return adapter_optimizer(method, model, lr, target_modules="all-linear", exclude_modules=["classifier"])
 
 
 def train_facts(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int) -> list[dict[str, Any]]:

@@ -63,14 +63,20 @@ def teacher_of(student: nn.Sequential, seed: int) -> nn.Sequential:
     return teacher.requires_grad_(False)
 
 
+def adapter_optimizer(method: PlantedMethod, model: nn.Module, lr: float, **targets: Any) -> torch.optim.Optimizer:
+    """LoRA of rank ``method.r`` (lora_alpha = 2r) on `targets` (`LoraConfig`'s ``target_modules`` /
+    ``exclude_modules``), AdamW over the adapters (no weight decay), wrapped as `method` says."""
+    apply_lora(model, LoraConfig(r=method.r, lora_alpha=2 * method.r, **targets))
+    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    return inner if method.wrapper is None else method.wrapper(model, inner, **method.options)
+
+
 def _optimizer(method: PlantedMethod, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     if method.r == 0:
         model.requires_grad_(True)
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     targets = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
-    apply_lora(model, LoraConfig(r=method.r, lora_alpha=2 * method.r, target_modules=targets))
-    inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    return inner if method.wrapper is None else method.wrapper(model, inner, **method.options)
+    return adapter_optimizer(method, model, lr, target_modules=targets)
 
 
 def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int) -> list[dict[str, float]]:
