@@ -161,7 +161,8 @@ class OptimizerWrapper(torch.optim.Optimizer):
         ours = state_dict["scalora"]
         for key, value in self.settings().items():
             if key in ours and ours[key] != value:
-                raise ConfigError(f"the saved {name} state has {key}={ours[key]!r} but this optimiser has {value!r}.")
+                raise ConfigError(f"the saved {name} state has {key}={ours[key]!r} but this optimiser has {value!r}: "
+                                  f"build it with {key}={ours[key]!r} to resume that run.")
         self._load_base_weights(state_dict.get(BASE_WEIGHTS))
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.num_steps = int(ours["num_steps"])
