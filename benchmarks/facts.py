@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from scalora.train.models import load_model
-from scalora.train.planted import PlantedMethod, adapter_optimizer, tracked_run
+from scalora.train.planted import PlantedMethod, adapter_optimizer, lr_schedule, tracked_run
 
 N_FACTS = 256
 N_CLASSES = 16
@@ -77,9 +77,12 @@ def _optimizer(method: PlantedMethod, model: nn.Module, lr: float) -> torch.opti
     return adapter_optimizer(method, model, lr, target_modules="all-linear", exclude_modules=["classifier"])
 
 
-def train_facts(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int) -> list[dict[str, Any]]:
+def train_facts(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int,
+                schedule: str = "cosine") -> list[dict[str, Any]]:
     """One run: every `eval_every` steps (and at 0 and the end) the loss over the whole table, the effective rank of
-    ``TRACKED``'s accumulated update and the training seconds so far. Stops early (last loss inf) on divergence."""
+    ``TRACKED``'s accumulated update and the training seconds so far. Stops early (last loss inf) on divergence.
+    ``schedule`` (`lr_schedule`): the default ``"cosine"`` decays the learning rate to 0, because memorisation at a
+    constant rate ends wherever its last steps happen to oscillate."""
     model, inputs, labels = facts_model(seed)
     model.eval()  # dropout is off anyway; eval() keeps it so whatever the config says
     opt = _optimizer(method, model, lr)
@@ -93,4 +96,5 @@ def train_facts(method: PlantedMethod, lr: float, seed: int, steps: int, eval_ev
     def eval_loss() -> float:
         return float(loss_fn(model(**inputs).logits, labels))
 
-    return tracked_run(model, opt, TRACKED, batch_loss, eval_loss, steps, eval_every)
+    return tracked_run(model, opt, TRACKED, batch_loss, eval_loss, steps, eval_every,
+                       lr_schedule(method, steps, schedule))

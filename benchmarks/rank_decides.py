@@ -86,6 +86,7 @@ class Size:
     factor_norms: tuple[float, ...]  # the ablation of ScaLoRA's factor_norm ρ
     reset_every: int
     full_lrs: tuple[float, ...] | None = None  # full fine-tuning's own grid, if not `lrs`
+    schedule: str = "constant"  # the learning-rate schedule (`scalora.train.planted.lr_schedule`)
 
 
 SIZES = {
@@ -96,11 +97,11 @@ SIZES = {
     "full": Size("teacher", steps=2000, eval_every=100, lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                  tune_seeds=(0, 1), report_seeds=(2, 3, 4, 5, 6), factor_norms=(0.1, 0.2, 0.3, 0.577, 1.0),
                  reset_every=200),
-    "facts": Size("facts", steps=400, eval_every=50, lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3), tune_seeds=(0,),
-                  report_seeds=(1, 2, 3), factor_norms=(0.3, 0.577, 1.0), reset_every=100,
-                  full_lrs=(1e-4, 3e-4, 1e-3)),
+    "facts": Size("facts", steps=400, eval_every=50, lrs=(2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3), tune_seeds=(0, 1),
+                  report_seeds=(2, 3, 4, 5, 6), factor_norms=(0.3, 0.577, 1.0), reset_every=100,
+                  full_lrs=(3e-5, 1e-4, 3e-4, 1e-3), schedule="cosine"),
     "facts-micro": Size("facts", steps=4, eval_every=2, lrs=(1e-3, 2e-3), tune_seeds=(0,), report_seeds=(1,),
-                        factor_norms=(0.3,), reset_every=2, full_lrs=(3e-4,)),  # seconds, for the smoke test
+                        factor_norms=(0.3,), reset_every=2, full_lrs=(3e-4,), schedule="cosine"),  # smoke test
 }
 ARMS = {  # what each arm's figures say
     "teacher": ("planted teacher: loss", "held-out loss / initial", "middle layer (256 × 256)"),
@@ -131,7 +132,8 @@ def train(method_name: str, lr: float, seed: int, size_name: str, factor_norm: f
         trainer = train_planted
     else:
         from facts import train_facts as trainer
-    curve = trainer(PlantedMethod(method.r, method.wrapper, options), lr, seed, size.steps, size.eval_every)
+    curve = trainer(PlantedMethod(method.r, method.wrapper, options), lr, seed, size.steps, size.eval_every,
+                    size.schedule)
     return {"method": method_name, "lr": lr, "seed": seed, "factor_norm": factor_norm, "final": curve[-1]["loss"],
             "curve": curve}
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
+import pytest
 import torch
 
 from scalora.optim import ScaLoRA
 from scalora.relora import ReLoRA
 from scalora.train.demo import rank_demo
-from scalora.train.planted import PlantedMethod, pretrained_mlp, teacher_of, train_planted
+from scalora.train.planted import PlantedMethod, lr_schedule, pretrained_mlp, teacher_of, train_planted
 
 
 def test_teacher_is_a_full_rank_change_of_the_student():
@@ -43,3 +45,15 @@ def test_rank_demo_writes_its_files(tmp_path):
     curves = json.loads((tmp_path / "rank_decides.json").read_text())
     assert set(curves) == {"full fine-tuning", "LoRA r=4", "ScaLoRA r=4"}
     assert (tmp_path / "rank_decides.png").stat().st_size > 0
+
+
+def test_lr_schedule_decays_to_zero_and_rewarms_relora_after_each_restart() -> None:
+    assert lr_schedule(PlantedMethod(4), 100, "constant") is None
+    cosine = lr_schedule(PlantedMethod(4), 100, "cosine")
+    values = [cosine(step) for step in range(101)]
+    assert values[0] == 1.0 and values[100] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in itertools.pairwise(values))  # monotone: no restart dips without ReLoRA
+    jagged = lr_schedule(PlantedMethod(4, ReLoRA, {"reset_every": 40}), 100, "cosine")
+    assert jagged(40) < cosine(40) / 5 and jagged(50) == pytest.approx(cosine(50))  # re-warm-up over 10 steps
+    with pytest.raises(ValueError, match="schedule"):
+        lr_schedule(PlantedMethod(4), 100, "linear")

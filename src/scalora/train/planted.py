@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from scalora.config import LoraConfig
 from scalora.factors import lora_factors
 from scalora.model import apply_lora
 from scalora.rank import accumulated_updates, effective_rank, snapshot_base_weights
+from scalora.relora import ReLoRA, jagged_cosine
 from scalora.wrapper import OptimizerWrapper
 
 WIDTHS = (64, 256, 256, 64)
@@ -79,10 +81,26 @@ def _optimizer(method: PlantedMethod, model: nn.Module, lr: float) -> torch.opti
     return adapter_optimizer(method, model, lr, target_modules=targets)
 
 
-def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int) -> list[dict[str, float]]:
+def lr_schedule(method: PlantedMethod, steps: int, schedule: str) -> Callable[[int], float] | None:
+    """The learning-rate multiplier of a run of `steps`: None for ``"constant"``; for ``"cosine"``, cosine decay to 0,
+    and for ReLoRA the same envelope with a linear re-warm-up after each restart (over a quarter of the restart
+    period, at most 10 steps, as the CLI does)."""
+    if schedule == "constant":
+        return None
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}.")
+    every = method.options.get("reset_every") if method.wrapper is ReLoRA else None
+    if every is None:
+        return partial(jagged_cosine, total_steps=steps, warmup=0, reset_every=steps + 1, restart_warmup=1)
+    return partial(jagged_cosine, total_steps=steps, warmup=0, reset_every=every,
+                   restart_warmup=min(10, max(1, every // 4)))
+
+
+def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int,
+                  schedule: str = "constant") -> list[dict[str, float]]:
     """One run: every `eval_every` steps (and at 0 and the end) the held-out loss relative to the start, the effective
     rank of the middle layer's accumulated update W − W_pretrained and the training seconds so far. Stops early
-    (last loss inf) if the loss stops being finite."""
+    (last loss inf) if the loss stops being finite. ``schedule``: see `lr_schedule`."""
     student = pretrained_mlp(seed)
     teacher = teacher_of(student, seed)
     x_eval = torch.randn(4096, WIDTHS[0], generator=torch.Generator().manual_seed(20_000 + seed))
@@ -99,14 +117,18 @@ def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_
     def eval_loss() -> float:
         return float((student(x_eval) - y_eval).square().mean()) / start_loss
 
-    return tracked_run(student, opt, TRACKED, batch_loss, eval_loss, steps, eval_every)
+    return tracked_run(student, opt, TRACKED, batch_loss, eval_loss, steps, eval_every,
+                       lr_schedule(method, steps, schedule))
 
 
 def tracked_run(model: nn.Module, opt: torch.optim.Optimizer, tracked: str, batch_loss: Callable[[], torch.Tensor],
-                eval_loss: Callable[[], float], steps: int, eval_every: int) -> list[dict[str, float]]:
-    """`steps` optimiser steps on `batch_loss`; every `eval_every` steps (and at 0 and the end) `eval_loss`, the
-    effective rank of the accumulated update W − W_start of the linear layer `tracked` (adapted or trained whole)
-    and the training seconds so far. Stops early (last loss inf) once the loss is not finite."""
+                eval_loss: Callable[[], float], steps: int, eval_every: int,
+                schedule: Callable[[int], float] | None = None) -> list[dict[str, float]]:
+    """`steps` optimiser steps on `batch_loss` (the learning rate times ``schedule(step)`` if given, else constant);
+    every `eval_every` steps (and at 0 and the end) `eval_loss`, the effective rank of the accumulated update
+    W − W_start of the linear layer `tracked` (adapted or trained whole) and the training seconds so far. Stops early
+    (last loss inf) once the loss is not finite."""
+    scheduler = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     adapted = bool(lora_factors(model))
     if adapted:
         pretrained = snapshot_base_weights(model)
@@ -133,6 +155,8 @@ def tracked_run(model: nn.Module, opt: torch.optim.Optimizer, tracked: str, batc
         batch_loss().backward()
         opt.step()
         opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
         seconds += time.perf_counter() - t0
         if (step % eval_every == 0 or step == steps) and not evaluate(step):
             break
