@@ -169,6 +169,7 @@ def summarise(report: list[dict], tuned: dict[str, dict]) -> dict[str, dict]:
         runs = sorted((r for r in report if r["method"] == name), key=lambda r: r["seed"])
         reach = [first_reach(r["curve"], ref[r["seed"]]["final"]) for r in runs]
         ref_steps = [ref[r["seed"]]["curve"][-1]["step"] for r in runs]
+        ref_seconds = [ref[r["seed"]]["curve"][-1]["time_s"] for r in runs]
         table[name] = {
             "label": BY_NAME[name].label, "lr": info["best_lr"], "lr_interior": info["interior"],
             "final": common.mean_std(r["final"] for r in runs),
@@ -176,6 +177,8 @@ def summarise(report: list[dict], tuned: dict[str, dict]) -> dict[str, dict]:
             "steps_to_lora_r4": [x["step"] if x else None for x in reach],
             "step_fraction_of_lora_r4": [x["step"] / s if x else None for x, s in zip(reach, ref_steps, strict=True)],
             "seconds_to_lora_r4": [x["time_s"] if x else None for x in reach],
+            "time_fraction_of_lora_r4": [x["time_s"] / t if x else None
+                                         for x, t in zip(reach, ref_seconds, strict=True)],
             "final_rank": [r["curve"][-1]["rank"] for r in runs],
         }
     return table
@@ -183,10 +186,11 @@ def summarise(report: list[dict], tuned: dict[str, dict]) -> dict[str, dict]:
 
 def markdown(result: dict) -> str:
     rows = ["| method | lr (tuned) | final loss (held-out seeds) | × below tuned LoRA r=4 (per seed) | "
-            "steps to LoRA r=4's final loss | rank of update (middle layer) |", "|---|---|---|---|---|---|"]
+            "steps (time) to LoRA r=4's final loss | rank of update (tracked layer) |", "|---|---|---|---|---|---|"]
     for row in result["table"].values():
         ratios = ", ".join(f"{x:.1f}" for x in row["ratio_to_lora_r4"])
-        fr = ", ".join("–" if x is None else f"{x:.2f}" for x in row["step_fraction_of_lora_r4"])
+        fr = ", ".join("–" if x is None else f"{x:.2f} ({t:.2f})"
+                       for x, t in zip(row["step_fraction_of_lora_r4"], row["time_fraction_of_lora_r4"], strict=True))
         ranks = ", ".join(str(x) for x in row["final_rank"])
         lr = f"{row['lr']:g}" + {True: "", False: " (edge)", None: " (fixed)"}[row["lr_interior"]]
         rows.append(f"| {row['label']} | {lr} | {common.fmt_mean_std(row['final'], 4)} | {ratios} | "
