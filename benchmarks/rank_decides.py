@@ -202,6 +202,15 @@ def markdown(result: dict) -> str:
     else:
         rows.append(f"Gate: full fine-tuning ends at {gate['full']:.4f}, LoRA r=4 at {gate['lora_r4']:.4f} "
                     f"(ratio {gate['ratio']:.4f}; needs ≤ 0.1): {'passed' if gate['passed'] else 'FAILED'}.")
+    grids = {name: info["grid"] for name, info in result["tuning"].items() if info["grid"]}
+    if grids:
+        lrs = sorted({float(lr) for grid_ in grids.values() for lr in grid_})
+        rows += ["", "Tuning (mean final loss over the tuning seeds; – not on that method's grid):", "",
+                 "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+        for name, grid_ in grids.items():
+            by_lr = {float(lr): loss for lr, loss in grid_.items()}
+            cells = ("–" if lr not in by_lr else f"{by_lr[lr]:.4f}" for lr in lrs)
+            rows.append(f"| {BY_NAME[name].label} | " + " | ".join(cells) + " |")
     if result.get("factor_norm"):
         rows.append("")
         rows.append("| ρ (factor_norm of c=\"lora-step\") | final loss (held-out seeds) |")
