@@ -173,6 +173,7 @@ def summarise(report: list[dict], tuned: dict[str, dict]) -> dict[str, dict]:
         table[name] = {
             "label": BY_NAME[name].label, "lr": info["best_lr"], "lr_interior": info["interior"],
             "final": common.mean_std(r["final"] for r in runs),
+            "final_median": statistics.median(r["final"] for r in runs),
             "ratio_to_lora_r4": [ref[r["seed"]]["final"] / r["final"] for r in runs],
             "steps_to_lora_r4": [x["step"] if x else None for x in reach],
             "step_fraction_of_lora_r4": [x["step"] / s if x else None for x, s in zip(reach, ref_steps, strict=True)],
@@ -185,7 +186,7 @@ def summarise(report: list[dict], tuned: dict[str, dict]) -> dict[str, dict]:
 
 
 def markdown(result: dict) -> str:
-    rows = ["| method | lr (tuned) | final loss (held-out seeds) | × below tuned LoRA r=4 (per seed) | "
+    rows = ["| method | lr (tuned) | final loss (held-out seeds; median) | × below tuned LoRA r=4 (per seed) | "
             "steps (time) to LoRA r=4's final loss | rank of update (tracked layer) |", "|---|---|---|---|---|---|"]
     for row in result["table"].values():
         ratios = ", ".join(f"{x:.1f}" for x in row["ratio_to_lora_r4"])
@@ -193,7 +194,8 @@ def markdown(result: dict) -> str:
                        for x, t in zip(row["step_fraction_of_lora_r4"], row["time_fraction_of_lora_r4"], strict=True))
         ranks = ", ".join(str(x) for x in row["final_rank"])
         lr = f"{row['lr']:g}" + {True: "", False: " (edge)", None: " (fixed)"}[row["lr_interior"]]
-        rows.append(f"| {row['label']} | {lr} | {common.fmt_mean_std(row['final'], 4)} | {ratios} | "
+        rows.append(f"| {row['label']} | {lr} | {common.fmt_mean_std(row['final'], 4)}; {row['final_median']:.4f} | "
+                    f"{ratios} | "
                     f"{fr} × LoRA's | {ranks} |")
     gate = result["gate"]
     rows.append("")
@@ -228,11 +230,11 @@ def plot(result: dict, report: list[dict], path: Path) -> None:
         runs = [r for r in report if r["method"] == name]
         steps = [row["step"] for row in runs[0]["curve"]]
         n = min(len(r["curve"]) for r in runs)
-        loss = [statistics.fmean(r["curve"][i]["loss"] for r in runs) for i in range(n)]
+        loss = [statistics.geometric_mean(max(r["curve"][i]["loss"], 1e-12) for r in runs) for i in range(n)]
         rank = [statistics.fmean(r["curve"][i]["rank"] for r in runs) for i in range(n)]
         ax_loss.plot(steps[:n], loss, label=BY_NAME[name].label)
         ax_rank.plot(steps[:n], rank, label=BY_NAME[name].label)
-    ax_loss.set(yscale="log", xlabel="step", ylabel=ylabel, title=title)
+    ax_loss.set(yscale="log", xlabel="step", ylabel=f"{ylabel} (geometric mean over seeds)", title=title)
     ax_rank.set(xlabel="step", ylabel="effective rank of W − W_pretrained", title=layer)
     ax_loss.legend(fontsize=7)
     common.save_figure(fig, path)
