@@ -78,11 +78,11 @@ def _optimizer(method: PlantedMethod, model: nn.Module, lr: float) -> torch.opti
 
 
 def train_facts(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int,
-                schedule: str = "cosine") -> list[dict[str, Any]]:
+                schedule: str = "cosine", warmup: int = 0) -> list[dict[str, Any]]:
     """One run: every `eval_every` steps (and at 0 and the end) the loss over the whole table, the effective rank of
     ``TRACKED``'s accumulated update and the training seconds so far. Stops early (last loss inf) on divergence.
-    ``schedule`` (`lr_schedule`): the default ``"cosine"`` decays the learning rate to 0, because memorisation at a
-    constant rate ends wherever its last steps happen to oscillate."""
+    ``schedule`` and ``warmup`` (`lr_schedule`): the default ``"cosine"`` decays the learning rate to 0, because
+    memorisation at a constant rate ends wherever its last steps happen to oscillate."""
     model, inputs, labels = facts_model(seed)
     model.eval()  # dropout is off anyway; eval() keeps it so whatever the config says
     opt = _optimizer(method, model, lr)
@@ -97,4 +97,4 @@ def train_facts(method: PlantedMethod, lr: float, seed: int, steps: int, eval_ev
         return float(loss_fn(model(**inputs).logits, labels))
 
     return tracked_run(model, opt, TRACKED, batch_loss, eval_loss, steps, eval_every,
-                       lr_schedule(method, steps, schedule))
+                       lr_schedule(method, steps, schedule, warmup))

@@ -120,9 +120,10 @@ def grid(size: Size, method: str) -> tuple[float, ...]:
 # one run
 
 
-def train(method_name: str, lr: float, seed: int, size_name: str, factor_norm: float | None = None
-          ) -> dict[str, object]:
-    """One run of the size's arm: its curve and final loss (inf if it diverged)."""
+def train(method_name: str, lr: float, seed: int, size_name: str, factor_norm: float | None = None,
+          warmup: int = 0) -> dict[str, object]:
+    """One run of the size's arm (`warmup` steps of linear warm-up before its schedule): its curve and final loss
+    (inf if it diverged)."""
     common.set_threads(1)
     size, method = SIZES[size_name], BY_NAME[method_name]
     options = dict(method.options)
@@ -135,7 +136,7 @@ def train(method_name: str, lr: float, seed: int, size_name: str, factor_norm: f
     else:
         from facts import train_facts as trainer
     curve = trainer(PlantedMethod(method.r, method.wrapper, options), lr, seed, size.steps, size.eval_every,
-                    size.schedule)
+                    size.schedule, warmup)
     return {"method": method_name, "lr": lr, "seed": seed, "factor_norm": factor_norm, "final": curve[-1]["loss"],
             "curve": curve}
 
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for rank_decides.{json,md,png}")
     parser.add_argument("--fixed-lr", type=float, default=None,
                         help="no tuning: every method at this learning rate, on the report seeds")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="steps of linear learning-rate warm-up of every run (cosine schedules only: facts)")
     parser.add_argument("--stem", default=None, help="file name stem of the results (default from --size)")
     args = parser.parse_args(argv)
     size = SIZES[args.size]
@@ -259,15 +262,16 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown methods {unknown}" if unknown else f"--methods must include {REFERENCE}")
 
     if args.fixed_lr is None:
-        jobs = [(m, lr, seed, args.size) for m in methods for lr in grid(size, m) for seed in size.tune_seeds]
+        jobs = [(m, lr, seed, args.size, None, args.warmup) for m in methods for lr in grid(size, m)
+                for seed in size.tune_seeds]
         tuned = tune(common.map_jobs(train, jobs, workers=args.jobs), methods, size)
     else:
         tuned = {m: {"best_lr": args.fixed_lr, "interior": None, "grid": {}} for m in methods}
-    jobs = [(m, tuned[m]["best_lr"], seed, args.size) for m in methods for seed in size.report_seeds]
+    jobs = [(m, tuned[m]["best_lr"], seed, args.size, None, args.warmup) for m in methods for seed in size.report_seeds]
     report = common.map_jobs(train, jobs, workers=args.jobs)
     rho_runs = []
     if "scalora" in methods:
-        jobs = [("scalora", tuned["scalora"]["best_lr"], seed, args.size, rho)
+        jobs = [("scalora", tuned["scalora"]["best_lr"], seed, args.size, rho, args.warmup)
                 for rho in size.factor_norms for seed in size.report_seeds]
         rho_runs = common.map_jobs(train, jobs, workers=args.jobs)
     table = summarise(report, tuned)
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
         gate["ratio"] = gate["full"] / gate["lora_r4"]
         gate["passed"] = gate["ratio"] <= 0.1
     result = {
-        "command": common.command_line(__file__, argv), "size": asdict(size), "environment": common.environment(),
+        "command": common.command_line(__file__, argv), "size": asdict(size), "warmup": args.warmup,
+        "environment": common.environment(),
         "gate": gate, "tuning": tuned, "table": table,
         "factor_norm": {str(rho): common.mean_std(r["final"] for r in rho_runs if r["factor_norm"] == rho)
                         for rho in size.factor_norms} if rho_runs else {},

@@ -57,3 +57,11 @@ def test_lr_schedule_decays_to_zero_and_rewarms_relora_after_each_restart() -> N
     assert jagged(40) < cosine(40) / 5 and jagged(50) == pytest.approx(cosine(50))  # re-warm-up over 10 steps
     with pytest.raises(ValueError, match="schedule"):
         lr_schedule(PlantedMethod(4), 100, "linear")
+
+
+def test_lr_schedule_warms_up_linearly_before_the_cosine() -> None:
+    warm = lr_schedule(PlantedMethod(4), 100, "cosine", warmup=10)
+    assert [warm(step) for step in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert warm(100) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="cosine"):
+        lr_schedule(PlantedMethod(4), 100, "constant", warmup=10)

@@ -81,26 +81,28 @@ def _optimizer(method: PlantedMethod, model: nn.Module, lr: float) -> torch.opti
     return adapter_optimizer(method, model, lr, target_modules=targets)
 
 
-def lr_schedule(method: PlantedMethod, steps: int, schedule: str) -> Callable[[int], float] | None:
-    """The learning-rate multiplier of a run of `steps`: None for ``"constant"``; for ``"cosine"``, cosine decay to 0,
-    and for ReLoRA the same envelope with a linear re-warm-up after each restart (over a quarter of the restart
-    period, at most 10 steps, as the CLI does)."""
-    if schedule == "constant":
-        return None
-    if schedule != "cosine":
+def lr_schedule(method: PlantedMethod, steps: int, schedule: str, warmup: int = 0) -> Callable[[int], float] | None:
+    """The learning-rate multiplier of a run of `steps`: None for ``"constant"``; for ``"cosine"``, a linear warm-up
+    over `warmup` steps, then cosine decay to 0, and for ReLoRA the same envelope with a linear re-warm-up after each
+    restart (over a quarter of the restart period, at most 10 steps, as the CLI does)."""
+    if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}.")
+    if schedule == "constant":
+        if warmup:
+            raise ValueError("a warm-up needs schedule='cosine'.")
+        return None
     every = method.options.get("reset_every") if method.wrapper is ReLoRA else None
     if every is None:
-        return partial(jagged_cosine, total_steps=steps, warmup=0, reset_every=steps + 1, restart_warmup=1)
-    return partial(jagged_cosine, total_steps=steps, warmup=0, reset_every=every,
+        return partial(jagged_cosine, total_steps=steps, warmup=warmup, reset_every=steps + 1, restart_warmup=1)
+    return partial(jagged_cosine, total_steps=steps, warmup=warmup, reset_every=every,
                    restart_warmup=min(10, max(1, every // 4)))
 
 
 def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int,
-                  schedule: str = "constant") -> list[dict[str, float]]:
+                  schedule: str = "constant", warmup: int = 0) -> list[dict[str, float]]:
     """One run: every `eval_every` steps (and at 0 and the end) the held-out loss relative to the start, the effective
     rank of the middle layer's accumulated update W − W_pretrained and the training seconds so far. Stops early
-    (last loss inf) if the loss stops being finite. ``schedule``: see `lr_schedule`."""
+    (last loss inf) if the loss stops being finite. ``schedule`` and ``warmup``: see `lr_schedule`."""
     student = pretrained_mlp(seed)
     teacher = teacher_of(student, seed)
     x_eval = torch.randn(4096, WIDTHS[0], generator=torch.Generator().manual_seed(20_000 + seed))
@@ -118,7 +120,7 @@ def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_
         return float((student(x_eval) - y_eval).square().mean()) / start_loss
 
     return tracked_run(student, opt, TRACKED, batch_loss, eval_loss, steps, eval_every,
-                       lr_schedule(method, steps, schedule))
+                       lr_schedule(method, steps, schedule, warmup))
 
 
 def tracked_run(model: nn.Module, opt: torch.optim.Optimizer, tracked: str, batch_loss: Callable[[], torch.Tensor],
