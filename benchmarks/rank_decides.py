@@ -198,8 +198,7 @@ def markdown(result: dict) -> str:
         ranks = ", ".join(str(x) for x in row["final_rank"])
         lr = f"{row['lr']:g}" + {True: "", False: " (edge)", None: " (fixed)"}[row["lr_interior"]]
         rows.append(f"| {row['label']} | {lr} | {common.fmt_mean_std(row['final'], 4)}; {row['final_median']:.4f} | "
-                    f"{ratios} | "
-                    f"{fr} × LoRA's | {ranks} |")
+                    f"{ratios} | {fr} × LoRA's | {ranks} |")
     gate = result["gate"]
     rows.append("")
     if gate is None:

@@ -24,7 +24,8 @@ from scalora.config import LoraConfig
 from scalora.factors import lora_factors
 from scalora.model import apply_lora
 from scalora.rank import accumulated_updates, effective_rank, snapshot_base_weights
-from scalora.relora import ReLoRA, jagged_cosine
+from scalora.relora import ReLoRA
+from scalora.train.registry import lr_multiplier, relora_multiplier
 from scalora.wrapper import OptimizerWrapper
 
 WIDTHS = (64, 256, 256, 64)
@@ -91,11 +92,9 @@ def lr_schedule(method: PlantedMethod, steps: int, schedule: str, warmup: int = 
         if warmup:
             raise ValueError("a warm-up needs schedule='cosine'.")
         return None
-    every = method.options.get("reset_every") if method.wrapper is ReLoRA else None
-    if every is None:
-        return partial(jagged_cosine, total_steps=steps, warmup=warmup, reset_every=steps + 1, restart_warmup=1)
-    return partial(jagged_cosine, total_steps=steps, warmup=warmup, reset_every=every,
-                   restart_warmup=min(10, max(1, every // 4)))
+    if method.wrapper is ReLoRA:
+        return relora_multiplier(steps, warmup, method.options["reset_every"], restart_warmup=10)
+    return partial(lr_multiplier, warmup=warmup, total=steps, schedule="cosine")
 
 
 def train_planted(method: PlantedMethod, lr: float, seed: int, steps: int, eval_every: int,

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 Examples = list[dict[str, Any]]
 
 
-def _lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
+def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """The learning rate's factor at `step`: linear warm-up over `warmup` steps, then `schedule` (linear, cosine or
+    constant) to step `total`."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -38,13 +40,19 @@ def _lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
 
 def warmup_then_decay(cfg: TrainConfig) -> Callable[[int], float]:
     """``--warmup-steps`` of linear warm-up, then ``--schedule`` (linear, cosine or constant) to the last step."""
-    return partial(_lr_lambda, warmup=cfg.warmup_steps, total=cfg.steps, schedule=cfg.schedule)
+    return partial(lr_multiplier, warmup=cfg.warmup_steps, total=cfg.steps, schedule=cfg.schedule)
+
+
+def relora_multiplier(total: int, warmup: int, reset_every: int, restart_warmup: int) -> Callable[[int], float]:
+    """ReLoRA's jagged cosine over `total` steps: `warmup` steps of warm-up, and after each restart a re-warm-up over
+    `restart_warmup` steps, at most a quarter of the restart period."""
+    return partial(jagged_cosine, total_steps=total, warmup=warmup, reset_every=reset_every,
+                   restart_warmup=min(restart_warmup, max(1, reset_every // 4)))
 
 
 def _restarts(cfg: TrainConfig) -> Callable[[int], float]:
     """ReLoRA's jagged cosine: a short re-warm-up after each restart."""
-    return partial(jagged_cosine, total_steps=cfg.steps, warmup=cfg.warmup_steps or cfg.relora_warmup,
-                   reset_every=cfg.reset_every, restart_warmup=min(cfg.relora_warmup, max(1, cfg.reset_every // 4)))
+    return relora_multiplier(cfg.steps, cfg.warmup_steps or cfg.relora_warmup, cfg.reset_every, cfg.relora_warmup)
 
 
 def _scalora(cfg: TrainConfig, model: nn.Module, inner: torch.optim.Optimizer) -> ScaLoRA:
