@@ -3,10 +3,12 @@
 ScaLoRA merges a residual s·B diag(1 − α⊙β) A into the frozen weight at every step. Each residual is far below
 the rounding step of a bf16 weight (2⁻⁸ relative), so naive in-place adds lose most of it. For each dtype the
 script folds the same sequence of random rank-r residuals into an fp64 reference and into low-precision weights
-merged five ways:
+merged six ways:
 
 * naive: W ← round-to-nearest(W + Δ) (`fold_` without a buffer or generator);
 * compensated: `fold_` with a Kahan buffer (`compensate=True`), a second weight-sized tensor in the weight's dtype;
+* int8: `fold_` with an int8 Kahan buffer (`compensate="int8"`, `scalora.compensation`): the residual in 1/254ths of
+  the weight's spacing, rounded stochastically, one byte per entry;
 * stochastic: `fold_` with stochastic rounding (`scalora.rounding`, ScaLoRA's default), nothing kept;
 * side-K: an fp32 low-rank side buffer holding the last K residuals (rank ≤ r·K, added in the forward pass), folded
   into W to nearest every K merges. Here the buffer's product is summed densely in fp32, which equals the product of
@@ -51,8 +53,9 @@ def run(dtype: torch.dtype, merges: int, size: int, r: int, step_scale: float, r
         seed: int, side_every: list[int]) -> dict:
     g = torch.Generator().manual_seed(seed)
     w0 = torch.randn(size, size, generator=g) / size**0.5
-    layers = {name: _layer(w0, dtype, r) for name in ("naive", "compensated", "stochastic")}
+    layers = {name: _layer(w0, dtype, r) for name in ("naive", "compensated", "int8", "stochastic")}
     layers["compensated"].enable_compensation()
+    layers["int8"].enable_compensation(torch.int8)
     rounding = torch.Generator().manual_seed(seed + 1)
     start = layers["naive"].base_layer.weight.detach().double()
     exact = start.clone()
@@ -65,7 +68,7 @@ def run(dtype: torch.dtype, merges: int, size: int, r: int, step_scale: float, r
         B = (direction_b + torch.randn(size, r, generator=g)) * step_scale / size**0.5
         A = (direction_a + torch.randn(r, size, generator=g)) / size**0.5
         for name, layer in layers.items():
-            layer.fold_(B, A, rounding if name == "stochastic" else None)
+            layer.fold_(B, A, rounding if name in ("stochastic", "int8") else None)
         delta = B @ A
         exact += delta.double()
         for k, buffer in side.items():
@@ -90,7 +93,7 @@ def run(dtype: torch.dtype, merges: int, size: int, r: int, step_scale: float, r
 
 def _extra_bytes(size: int, r: int, element: int, side_every: list[int]) -> dict[str, int]:
     """Bytes each method keeps beside a size × size weight of `element` bytes per entry."""
-    return {"naive": 0, "compensated": size * size * element, "stochastic": 0,
+    return {"naive": 0, "compensated": size * size * element, "int8": size * size, "stochastic": 0,
             **{f"side-{k}": 2 * size * r * k * 4 for k in side_every}}
 
 

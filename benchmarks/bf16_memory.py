@@ -8,7 +8,8 @@ exist, so the peak is that of training steps. Methods:
 
 * ``lora``: plain AdamW;
 * ``scalora``: ScaLoRA's default for half-precision bases, stochastically rounded folds (no buffer);
-* ``scalora-compensated``: ``ScaLoRA(..., compensate=True)``, a Kahan buffer the size of every adapted weight.
+* ``scalora-compensated``: ``ScaLoRA(..., compensate=True)``, a Kahan buffer the size of every adapted weight;
+* ``scalora-int8``: ``ScaLoRA(..., compensate="int8")``, the same buffer in one byte per entry.
 
 Reports peak RSS, its growth over the RSS before the timed steps, and the bytes of parameters and buffers (the
 compensation buffers are buffers), each as a ratio to LoRA's. Writes JSON and the same table as Markdown.
@@ -28,7 +29,8 @@ from pathlib import Path
 from common import command_line, environment, save_report
 from step_time import _peak_rss_kib, _proc_status_kib, _reset_peak_rss
 
-METHODS = ("lora", "scalora", "scalora-compensated")
+METHODS = ("lora", "scalora", "scalora-compensated", "scalora-int8")
+COMPENSATE = {"scalora": None, "scalora-compensated": True, "scalora-int8": "int8"}
 #: SmolLM2-135M's published configuration (HuggingFaceTB/SmolLM2-135M, config.json)
 SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                 "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
@@ -48,7 +50,7 @@ def worker(method: str, steps: int, batch: int, length: int) -> dict:
     apply_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     if method != "lora":
-        optimizer = ScaLoRA(model, optimizer, compensate=True if method == "scalora-compensated" else None)
+        optimizer = ScaLoRA(model, optimizer, compensate=COMPENSATE[method])
     ids = torch.randint(2, SMOLLM2_135M["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -155,6 +156,37 @@ def test_half_precision_peft_base_folds() -> None:
     assert all(c is not None and c.dtype == torch.bfloat16 for c in compensations)
     assert any(bool(c.any()) for c in compensations)
     assert not any("base_compensation" in key for key in model.state_dict())  # outside PEFT's state dict
+
+
+def test_int8_compensation_of_peft_bases_resumes_from_the_optimizer_state() -> None:
+    """compensate='int8' keeps an int8 buffer on each PEFT layer; the optimiser state carries it (PEFT's files hold
+    no base weights) and a resumed run continues bit for bit; a state saved under another compensation is refused."""
+    def build(compensate):
+        torch.manual_seed(0)
+        model = peft_get_peft_model(tiny_llama().to(torch.bfloat16), PeftLoraConfig(r=4, target_modules=["q_proj"]))
+        return model, ScaLoRA(model, torch.optim.AdamW(_trainable(model), lr=1e-2), compensate=compensate)
+
+    model, optimizer = build("int8")
+    for step in range(2):
+        _step(model, optimizer, 101, step)
+    compensations = [f.base_compensation.clone() for _, f in lora_factors(model)]
+    assert all(c.dtype == torch.int8 for c in compensations)
+    assert any(bool(c.any()) for c in compensations)
+    state = copy.deepcopy(optimizer.state_dict())
+    adapter = copy.deepcopy({k: v for k, v in model.state_dict().items() if "lora_" in k})
+    _step(model, optimizer, 101, 2)
+
+    resumed, again = build("int8")
+    resumed.load_state_dict(adapter, strict=False)
+    again.load_state_dict(state)
+    assert all(torch.equal(a.base_compensation, b) for (_, a), b in zip(lora_factors(resumed), compensations,
+                                                                         strict=True))
+    _step(resumed, again, 101, 2)
+    for (_, a), (_, b) in zip(lora_factors(model), lora_factors(resumed), strict=True):
+        assert torch.equal(a.base_weight_oi(), b.base_weight_oi())
+        assert torch.equal(a.base_compensation, b.base_compensation)
+    with pytest.raises(ConfigError, match="compensate='int8'"):
+        build(True)[1].load_state_dict(state)
 
 
 def test_peft_layers_scalora_cannot_train_are_refused() -> None:

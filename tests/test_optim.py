@@ -214,11 +214,11 @@ def test_bad_arguments() -> None:
         ScaLoRA(model, adafactor)
 
 
-@pytest.mark.parametrize("compensate", [True, None], ids=["compensated", "stochastic-default"])
+@pytest.mark.parametrize("compensate", [True, "int8", None], ids=["compensated", "int8", "stochastic-default"])
 def test_bf16_folds_add_up(compensate) -> None:
-    """Many folds far below a bf16 weight's rounding step: the naive sum stalls; the compensated one tracks the
-    exact sum to within the rounding of the result itself; the default, stochastic rounding, keeps no buffer and
-    loses nothing on average (its error is random, a fraction of the naive loss)."""
+    """Many folds far below a bf16 weight's rounding step: the naive sum stalls; the compensated ones (a bf16 or an
+    int8 buffer) track the exact sum to within the rounding of the result itself; the default, stochastic rounding,
+    keeps no buffer and loses nothing on average (its error is random, a fraction of the naive loss)."""
     torch.manual_seed(0)
     weight = torch.randn(64, 64)
     model = apply_lora(nn.Sequential(nn.Linear(64, 64, bias=False)).to(torch.bfloat16),
@@ -229,13 +229,15 @@ def test_bf16_folds_add_up(compensate) -> None:
     w0 = layer.base_layer.weight.detach().double()
     ScaLoRA(model, torch.optim.AdamW(model.parameters()), compensate=compensate)
     assert (layer.base_compensation is not None) == bool(compensate)
+    if compensate:
+        assert layer.base_compensation.dtype == (torch.int8 if compensate == "int8" else torch.bfloat16)
     g, rounding = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     B0, A0 = torch.randn(64, 4, generator=g), torch.randn(4, 64, generator=g)
     naive, exact = layer.base_layer.weight.detach().clone(), w0.clone()
     steps = 2000
     for _ in range(steps):
         B = (B0 + 0.5 * torch.randn(64, 4, generator=g)) / steps
-        layer.fold_(B, A0, None if compensate else rounding)
+        layer.fold_(B, A0, None if compensate is True else rounding)
         exact += B.double() @ A0.double()
         naive = (naive.float() + B @ A0).to(torch.bfloat16)
     scale = (exact - w0).norm()
@@ -288,14 +290,14 @@ def test_export_lora_loads_in_peft(tmp_path) -> None:
 
 
 def test_half_precision_folds_work_in_row_chunks(monkeypatch) -> None:
-    """Folds into a bf16 weight in chunks of a few rows write exactly what one whole-matrix fold writes (Kahan and
-    to nearest), and the chunks respect FOLD_CHUNK_BYTES."""
+    """Folds into a bf16 weight in chunks of a few rows write exactly what one whole-matrix fold writes (Kahan in
+    bf16 or int8, and to nearest), and the chunks respect FOLD_CHUNK_BYTES."""
     from scalora import layers
 
     g = torch.Generator().manual_seed(0)
     B, A = torch.randn(48, 4, generator=g) * 1e-3, torch.randn(4, 40, generator=g)
 
-    def folded(chunk_bytes: int, compensate: bool) -> torch.Tensor:
+    def folded(chunk_bytes: int, compensate: torch.dtype | bool) -> torch.Tensor:
         monkeypatch.setattr(layers, "FOLD_CHUNK_BYTES", chunk_bytes)
         model = apply_lora(nn.Sequential(nn.Linear(40, 48, bias=False)), LoraConfig(r=4, target_modules=["0"]))
         layer = model[0]
@@ -303,7 +305,7 @@ def test_half_precision_folds_work_in_row_chunks(monkeypatch) -> None:
             layer.base_layer.weight.copy_(torch.randn(48, 40, generator=torch.Generator().manual_seed(1)))
         layer.base_layer.to(torch.bfloat16)
         if compensate:
-            layer.enable_compensation()
+            layer.enable_compensation(None if compensate is True else compensate)
         for _ in range(5):
             layer.fold_(B, A)
         return torch.cat([layer.base_layer.weight.float(), layer.base_compensation.float()]) if compensate \
@@ -312,7 +314,7 @@ def test_half_precision_folds_work_in_row_chunks(monkeypatch) -> None:
     assert [min(s.stop, 48) - s.start for s in layers.row_chunks(48, 40)] == [48]
     monkeypatch.setattr(layers, "FOLD_CHUNK_BYTES", 7 * 40 * 4)
     assert [min(s.stop, 48) - s.start for s in layers.row_chunks(48, 40)] == [7] * 6 + [6]
-    for compensate in (True, False):
+    for compensate in (True, torch.int8, False):
         assert torch.equal(folded(7 * 40 * 4, compensate), folded(2**30, compensate))
 
 

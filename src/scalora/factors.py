@@ -101,16 +101,17 @@ class LoraFactors(ABC):
 
     @abstractmethod
     def fold_(self, B: torch.Tensor, A: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """W0 ← W0 + B A, Kahan-compensated once `enable_compensation` ran, else rounded stochastically with
-        `generator` when given (`LoraLayer.fold_`)."""
+        """W0 ← W0 + B A, Kahan-compensated once `enable_compensation` ran (an int8 buffer's residual rounded
+        stochastically with `generator`), else rounded stochastically with `generator` when given
+        (`LoraLayer.fold_`)."""
 
     @abstractmethod
     def fold_finite(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """A 0-dim bool device tensor: is `fold_(B, A)` finite in W0's dtype? (`scalora.finite.first_false`)"""
 
     @abstractmethod
-    def enable_compensation(self) -> None:
-        """Keep `base_compensation` from now on."""
+    def enable_compensation(self, dtype: torch.dtype | None = None) -> None:
+        """Keep `base_compensation` from now on, in W0's dtype (None) or int8 (`LoraLayer.enable_compensation`)."""
 
     @abstractmethod
     def reset_lora_parameters(self) -> None:
@@ -203,8 +204,8 @@ class ScaloraFactors(LoraFactors):
     def fold_finite(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         return self.module.fold_finite(B, A)
 
-    def enable_compensation(self) -> None:
-        self.module.enable_compensation()
+    def enable_compensation(self, dtype: torch.dtype | None = None) -> None:
+        self.module.enable_compensation(dtype)
 
     def reset_lora_parameters(self) -> None:
         self.module.reset_lora_parameters()

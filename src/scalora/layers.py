@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scalora.compensation import compensation_residual, compensation_value
 from scalora.errors import ConfigError
 from scalora.finite import finite_in, nonfinite_error, require_finite
 from scalora.quantised import quantisation
@@ -113,10 +114,12 @@ class LoraLayer(nn.Module):
         """s · B A, shape (out, in), in the adapter's dtype."""
         return (self.lora_B * self.scaling) @ self.lora_A
 
-    def enable_compensation(self) -> None:
-        """Keep a buffer, in the weight's dtype and (out, in) layout, of what folds into the base lost to rounding."""
+    def enable_compensation(self, dtype: torch.dtype | None = None) -> None:
+        """Keep a buffer, in (out, in) layout, of what folds into the base lost to rounding (`scalora.compensation`):
+        in the weight's dtype (None), or ``torch.int8`` (in fractions of the weight's spacing, half the bytes)."""
         if self.base_compensation is None:
-            self.base_compensation = torch.zeros_like(self.base_weight_oi(), memory_format=torch.contiguous_format)
+            self.base_compensation = torch.zeros_like(self.base_weight_oi(), dtype=dtype,
+                                                      memory_format=torch.contiguous_format)
 
     @torch.no_grad()
     def fold_(self, B: torch.Tensor, A: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -125,7 +128,8 @@ class LoraLayer(nn.Module):
         A weight of another dtype than B (bf16, fp16) is written in row chunks (`row_chunks`), so no temporary is
         larger than `FOLD_CHUNK_BYTES`. With `enable_compensation`, each chunk of W0 + c + B A is formed in float32
         and the part lost when it is rounded back to W0's dtype is kept in c (Kahan summation: thousands of tiny
-        folds add up, at the cost of a buffer the size of W0). Else, with a `generator`, the sum is rounded
+        folds add up, at the cost of a buffer the size of W0, or half of it in int8, whose residual is rounded
+        stochastically with `generator`: `scalora.compensation`). Else, with a `generator`, the sum is rounded
         stochastically (`scalora.rounding.stochastic_round`: exact on average, no buffer); else to nearest.
         A W0 sharded by FSDP2 is folded on this rank's rows, which B (its local rows too) must match.
         """
@@ -142,7 +146,8 @@ class LoraLayer(nn.Module):
                 weight[rows].copy_(stochastic_round(exact, weight.dtype, generator))
                 continue
             weight[rows].copy_(exact)
-            self.base_compensation[rows].copy_(exact - weight[rows].to(exact.dtype))
+            self.base_compensation[rows].copy_(
+                compensation_residual(exact, weight[rows], self.base_compensation.dtype, generator))
 
     # ------------------------------------------------------------------ forward
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +176,7 @@ class LoraLayer(nn.Module):
         dtype = torch.promote_types(weight.dtype, torch.float32)
         base = (weight if row_scale is None else weight * row_scale[rows, None]).to(dtype)
         if self.base_compensation is not None:
-            base = base + self.base_compensation[rows].to(dtype)
+            base = base + compensation_value(self.base_compensation[rows], weight, dtype)
         return torch.addmm(base, B[rows].to(dtype), A.to(dtype))
 
     def fold_finite(self, B: torch.Tensor, A: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:

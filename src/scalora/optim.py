@@ -43,6 +43,8 @@ from scalora.solver import (
 from scalora.wrapper import OptimizerWrapper
 
 RULES = ("optimizer", "paper")
+COMPENSATIONS = (None, False, True, "int8")
+"""The values of ``compensate`` (`ScaLoRA`): stochastic rounding, to nearest, a Kahan buffer, an int8 one."""
 
 #: why a scaling step that finds no gradient is refused: it would pass silently as a plain LoRA step
 NO_GRADIENTS = ("ScaLoRA step {step} found no LoRA layer with gradients, so it cannot scale anything and the run "
@@ -132,7 +134,10 @@ class ScaLoRA(OptimizerWrapper):
         compensate: how folds into a bf16 / fp16 base weight are rounded. ``None`` (default): stochastically
             (`scalora.rounding`), which adds no memory and loses nothing on average; ``True``: Kahan-compensated, the
             rounding error kept in a buffer the size of each adapted weight (the exact sum, for twice the weights'
-            memory); ``False``: to nearest (tiny folds vanish). ``benchmarks/bf16_drift.py`` measures the three.
+            memory); ``"int8"``: the same in one byte per entry, in 1/254ths of the weight's spacing, rounded
+            stochastically (`scalora.compensation`: within a few percent of the exact sum's rounding floor, for
+            1.5× the weights' memory); ``False``: to nearest (tiny folds vanish). ``benchmarks/bf16_drift.py``
+            measures them all.
         side_rank: the capacity k of the side branch that takes the folds of every layer with a quantised base
             (`scalora.side_branch`, docs/quantised.md): above it the branch is recompressed to its best rank-k
             approximation and the cut is reported (``last_stats.side_residual``). Default: 4·r of each layer.
@@ -157,7 +162,7 @@ class ScaLoRA(OptimizerWrapper):
         factor_norm: float = DEFAULT_FACTOR_NORM,
         mode: str = "column",
         transfer_moments: bool = True,
-        compensate: bool | None = None,
+        compensate: bool | str | None = None,
         side_rank: int | None = None,
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
@@ -172,6 +177,8 @@ class ScaLoRA(OptimizerWrapper):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}.")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
+        if compensate not in COMPENSATIONS:
+            raise ConfigError(f"compensate must be one of {COMPENSATIONS}, got {compensate!r}.")
         if side_rank is not None and (isinstance(side_rank, bool) or not isinstance(side_rank, int) or side_rank < 1):
             raise ConfigError(f"side_rank must be a positive integer or None, got {side_rank!r}.")
         super().__init__(model, optimizer)
@@ -204,12 +211,14 @@ class ScaLoRA(OptimizerWrapper):
         self._identity_total: int | torch.Tensor = 0  # a device tensor once a step ran: read through identity_total
         self._scalings: dict[tuple, torch.Tensor] = {}  # per shape group and device: the layers' s, on that device
         self.last_stats = ScalingStats()
+        self.compensate = compensate
         if compensate:
             for _, layer in self.layers:
-                layer.enable_compensation()
-        #: layers whose folds are rounded stochastically: half-precision bases, unless `compensate` says otherwise
-        self._stochastic = frozenset(i for i, (_, layer) in enumerate(self.layers) if compensate is None
-                                     and layer.weight.dtype in (torch.float16, torch.bfloat16))
+                layer.enable_compensation(torch.int8 if compensate == "int8" else None)
+        #: layers whose folds round stochastically: half-precision bases unless `compensate` says otherwise (the
+        #: weight itself), and every layer with an int8 compensation (its residual)
+        self._stochastic = frozenset(i for i, (_, layer) in enumerate(self.layers) if compensate == "int8" or (
+            compensate is None and layer.weight.dtype in (torch.float16, torch.bfloat16)))
 
     def _check_sharded(self, compensate: bool) -> None:
         """Refuse layers sharded by FSDP2 that ScaLoRA folds only unsharded: a quantised base (its side branch) and
@@ -222,8 +231,8 @@ class ScaLoRA(OptimizerWrapper):
                                   f"folds of quantised bases only unsharded: train it under DDP.")
             if compensate or layer.base_compensation is not None:
                 raise ConfigError(f"layer {name!r} is sharded by FSDP2 and needs a compensation buffer "
-                                  f"(compensate=True), which ScaLoRA supports only unsharded: leave compensate unset "
-                                  f"(stochastic rounding), or train it under DDP.")
+                                  f"(compensate=True or 'int8'), which ScaLoRA supports only unsharded: leave "
+                                  f"compensate unset (stochastic rounding), or train it under DDP.")
 
     def __repr__(self) -> str:
         return (f"ScaLoRA(interval={self.interval}, rule={self.rule!r}, c={self.c!r}, tau={self.tau}, "
@@ -382,7 +391,7 @@ class ScaLoRA(OptimizerWrapper):
     def settings(self) -> dict[str, Any]:
         return {"interval": self.interval, "rule": self.rule, "c": self.c, "tau": self.tau,
                 "factor_norm": self.factor_norm, "mode": self.mode,
-                "transfer_moments": self.transfer_moments, "side_rank": self.side_rank}
+                "transfer_moments": self.transfer_moments, "side_rank": self.side_rank, "compensate": self.compensate}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """As the wrapper's; a state saved when ``c="auto"`` meant the first-order rule says so (it resumes only under

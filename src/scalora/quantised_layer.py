@@ -45,7 +45,7 @@ class QuantisedLinear(Linear):
             return result
         return result + self.side_branch(x).to(result.dtype)
 
-    def enable_compensation(self) -> None:
+    def enable_compensation(self, dtype: torch.dtype | None = None) -> None:
         """Nothing to compensate: folds are kept exactly in the side branch's factors."""
 
     @torch.no_grad()

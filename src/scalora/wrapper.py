@@ -195,7 +195,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
             layer.base_weight_oi().copy_(saved[name]["weight"])
             compensation = saved[name].get("compensation")
             if compensation is not None:
-                layer.enable_compensation()
+                layer.enable_compensation(compensation.dtype)
                 layer.base_compensation.copy_(compensation)
 
 

@@ -108,8 +108,8 @@ class GatheredFactors(LoraFactors):
     def weight(self) -> torch.Tensor:
         return self.layer.weight
 
-    def enable_compensation(self) -> None:
-        self.layer.enable_compensation()
+    def enable_compensation(self, dtype: torch.dtype | None = None) -> None:
+        self.layer.enable_compensation(dtype)
 
     def reset_lora_parameters(self) -> None:
         raise NotImplementedError("ReLoRA's restarts are not supported under DeepSpeed ZeRO.")
@@ -197,8 +197,8 @@ class ZeroScaLoRA:
             raise ConfigError(f"the engine's client optimiser is {type(client).__name__}: pass the plain optimiser "
                               f"(torch.optim.AdamW) to deepspeed.initialize; ZeroScaLoRA does ScaLoRA's part.")
         if settings.get("compensate") and self.partitioned:
-            raise ConfigError("compensate=True keeps a buffer the size of each whole base weight, which ZeRO-3 "
-                              "partitions: leave compensate unset (stochastic rounding), or use ZeRO-2.")
+            raise ConfigError("compensate=True or 'int8' keeps a buffer the size of each whole base weight, which "
+                              "ZeRO-3 partitions: leave compensate unset (stochastic rounding), or use ZeRO-2.")
         self._views = [(name, GatheredFactors(layer, self.partitioned)) for name, layer in lora_factors(engine.module)]
         #: per gathered copy: the engine's parameter, and the index of its flat partition (`_flat`)
         self._sources: dict[nn.Parameter, tuple[torch.Tensor, int]] = {}
