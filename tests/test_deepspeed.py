@@ -96,3 +96,14 @@ def test_unsupported_engines_are_refused(stage: int, fp16: bool, match: str) -> 
     engine = SimpleNamespace(zero_optimization_stage=lambda: stage, fp16_enabled=lambda: fp16)
     with pytest.raises(ConfigError, match=match):
         ZeroScaLoRA(engine)
+
+
+@pytest.mark.parametrize("compensate", [True, "int8"])
+def test_a_compensation_buffer_under_zero3_is_refused(compensate: bool | str) -> None:
+    """ZeRO-3 partitions W0, so a buffer the size of the whole weight (bf16 or int8) is refused, naming the way out."""
+    from scalora.zero import ZeroScaLoRA
+
+    engine = SimpleNamespace(zero_optimization_stage=lambda: 3, fp16_enabled=lambda: False,
+                             optimizer=SimpleNamespace(optimizer=torch.optim.SGD([torch.zeros(1)], lr=0.1)))
+    with pytest.raises(ConfigError, match=r"compensate=True or 'int8'.*leave compensate unset"):
+        ZeroScaLoRA(engine, compensate=compensate)
