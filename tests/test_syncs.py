@@ -37,13 +37,17 @@ def _warm_up(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 2)
     _backward(model, steps)
 
 
-@pytest.mark.parametrize(("rule", "dtype"), [("optimizer", torch.float32), ("paper", torch.float32),
-                                             ("optimizer", torch.bfloat16)],
-                         ids=["optimizer-auto", "paper", "optimizer-bf16-stochastic"])
-def test_scaling_step_makes_no_sync_until_stats_are_read(syncs, rule, dtype) -> None:
+@pytest.mark.parametrize(("rule", "dtype", "compensate"), [("optimizer", torch.float32, None),
+                                                           ("paper", torch.float32, None),
+                                                           ("optimizer", torch.bfloat16, None),
+                                                           ("optimizer", torch.bfloat16, True),
+                                                           ("optimizer", torch.bfloat16, "int8")],
+                         ids=["optimizer-auto", "paper", "optimizer-bf16-stochastic", "optimizer-bf16-kahan",
+                              "optimizer-bf16-int8"])
+def test_scaling_step_makes_no_sync_until_stats_are_read(syncs, rule, dtype, compensate) -> None:
     log, exempt = syncs
     model = _model(dtype)
-    opt = ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2), rule=rule,
+    opt = ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2), rule=rule, compensate=compensate,
                   **({"c": 1.0} if rule == "paper" else {}))
     _warm_up(model, opt)
     exempt.update(id(state["step"]) for state in opt.state.values() if isinstance(state.get("step"), torch.Tensor))
