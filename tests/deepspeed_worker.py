@@ -141,6 +141,29 @@ def bf16_copies(stage: int, rank: int, world_size: int) -> float:
                    for p, master in zip(factors, masters, strict=True))
 
 
+def int8_compensated(rank: int, world_size: int) -> dict[str, Any]:
+    """ZeRO-2 in bf16 with ``compensate="int8"``: after two steps, every layer's W0 (in its (out, in) layout) and
+    its int8 fold compensation, and W0 as it started."""
+    import deepspeed
+
+    from scalora.factors import lora_factors
+    from scalora.zero import ZeroScaLoRA
+
+    model = build_model(torch.float32)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
+                                      config={**config(2, {}), "bf16": {"enabled": True}})
+    start = {name: layer.base_weight_oi().detach().clone() for name, layer in lora_factors(model)}
+    scalora = ZeroScaLoRA(engine, compensate="int8")
+    for step in range(2):
+        ids = batch("llama", step, rank, world_size)
+        engine.backward(engine(ids, labels=ids).loss)
+        scalora.before_step()
+        engine.step()
+    layers = lora_factors(model)
+    return {"start": start, "weight": {name: layer.base_weight_oi().detach().clone() for name, layer in layers},
+            "compensation": {name: layer.base_compensation.clone() for name, layer in layers}}
+
+
 def misuse(stage: int, rank: int, world_size: int) -> dict[str, str]:
     """The errors raised when ScaLoRA itself is DeepSpeed's client optimiser (which DeepSpeed accepts only with
     ``zero_allow_untested_optimizer``): by ``ZeroScaLoRA(engine)`` ("hook") and by ``engine.step()`` ("step")."""
@@ -175,6 +198,7 @@ def run(rank: int, world_size: int, outdir: str | Path) -> None:
             torch.save(train_engine(*settings, rank, world_size), output_path(outdir, name, rank))
         torch.save({stage: bf16_copies(stage, rank, world_size) for stage in (2, 3)}, output_path(outdir, "bf16", rank))
         torch.save({stage: misuse(stage, rank, world_size) for stage in (2, 3)}, output_path(outdir, "misuse", rank))
+        torch.save(int8_compensated(rank, world_size), output_path(outdir, "int8", rank))
 
 
 def spawn_entry(rank: int, world_size: int, port: int, outdir: str) -> None:

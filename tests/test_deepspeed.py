@@ -76,6 +76,18 @@ def test_in_bf16_the_working_copy_and_the_fp32_master_both_hold_the_rescaled_fac
         assert torch.load(worker.output_path(launched, "bf16", rank)) == {2: 0.0, 3: 0.0}
 
 
+def test_zero2_keeps_an_int8_fold_compensation_the_same_on_every_rank(worker, launched: Path) -> None:
+    """ZeRO-2 in bf16 with compensate='int8': every layer keeps an int8 buffer that holds something, W0 has moved,
+    and both ranks (each folding into its whole W0 with the same random numbers) hold the same W0 and buffer."""
+    ranks = [torch.load(worker.output_path(launched, "int8", rank)) for rank in range(WORLD_SIZE)]
+    for result in ranks:
+        assert all(c.dtype == torch.int8 for c in result["compensation"].values())
+        assert any(bool(c.any()) for c in result["compensation"].values())
+        assert all(not torch.equal(result["weight"][name], start) for name, start in result["start"].items())
+    for key in ("weight", "compensation"):
+        assert all(torch.equal(ranks[0][key][name], ranks[1][key][name]) for name in ranks[0][key])
+
+
 def test_scalora_as_the_client_optimiser_is_refused_with_a_clear_message(worker, launched: Path) -> None:
     """ZeRO-2 replaces its client optimiser's parameter groups; ZeRO-3 steps it with no gradient in .grad. Both are
     refused, naming what to do instead, and so is ZeroScaLoRA over an engine whose client optimiser is ScaLoRA."""
