@@ -15,7 +15,7 @@ from scipy.optimize import nnls
 from torch import nn
 
 from scalora import LoraConfig, apply_lora
-from scalora.directions import next_direction, scale_invariant
+from scalora.directions import next_directions, scale_invariant
 from scalora.errors import ConfigError
 from scalora.optim import ScaLoRA
 from scalora.scaling_problem import first_order_c, lora_step_c, optimizer_system, scaling_system
@@ -150,9 +150,34 @@ def test_next_direction_is_the_step_the_optimiser_takes(make):
     for i in range(3):
         p.grad = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(i))
         before = p.detach().clone()
-        U = next_direction(opt, opt.param_groups[0], p)
+        U = next_directions(opt, opt.param_groups[0], [p])[0]
         opt.step()
         torch.testing.assert_close(p.detach() - before, -1e-2 * U, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-30, weight_decay=0.0),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=1e-30, amsgrad=True, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1),
+], ids=["adamw", "adam-amsgrad-l2", "sgd-momentum-l2"])
+def test_next_directions_of_parameters_at_different_steps(make):
+    """Stacked over parameters whose optimiser states differ (one had no gradient at the first two steps, so its
+    moments and step count lag), each direction is still the step the optimiser takes for that parameter."""
+    ps = [nn.Parameter(torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(k))) for k in range(3)]
+    opt = make(ps)
+    for i in range(4):
+        for k, p in enumerate(ps):
+            lagging = k == 1 and i < 2
+            p.grad = None if lagging else torch.randn(5, 4, dtype=F64,
+                                                      generator=torch.Generator().manual_seed(10 * i + k))
+        if i < 3:
+            opt.step()
+    before = [p.detach().clone() for p in ps]
+    U = next_directions(opt, opt.param_groups[0], ps)
+    assert U.shape == (3, 5, 4)
+    opt.step()
+    for p, b, u in zip(ps, before, U, strict=True):
+        torch.testing.assert_close(p.detach() - b, -1e-2 * u, rtol=1e-10, atol=1e-14)
 
 
 def test_adam_step_after_rescaling_is_linear_in_the_scales():
@@ -171,8 +196,8 @@ def test_adam_step_after_rescaling_is_linear_in_the_scales():
         if step < 3:
             opt.step()
             opt.zero_grad()
-    U_A = next_direction(inner, inner.param_groups[0], layer.lora_A)
-    U_B = next_direction(inner, inner.param_groups[0], layer.lora_B)
+    U_A = next_directions(inner, inner.param_groups[0], [layer.lora_A])[0]
+    U_B = next_directions(inner, inner.param_groups[0], [layer.lora_B])[0]
     A, B, s = layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.scaling
     opt.interval = 1
     w_before = layer.base_layer.weight.detach().clone() + s * B @ A

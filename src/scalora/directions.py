@@ -1,7 +1,7 @@
 """The step the wrapped optimiser is about to take, per parameter, read from its state before it takes it.
 
 ScaLoRA's optimiser-aware rule fits the change of W that the *actual* next step makes. For a parameter p with
-gradient g, `next_direction` returns U with ``p ← p − lr · U`` to first order (weight decay aside):
+gradient g, `next_directions` returns U with ``p ← p − lr · U`` to first order (weight decay aside):
 
 * Adam / AdamW (amsgrad too): U = m̂ / (sqrt(v̂) + ε), with m ← β₁ m + (1 − β₁) g, v ← β₂ v + (1 − β₂) g² and the
   bias corrections of the step about to be taken. Multiplying g and the moments by f leaves U unchanged (ε aside):
@@ -14,6 +14,8 @@ shard of it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -34,36 +36,67 @@ def scale_invariant(optimizer: torch.optim.Optimizer) -> bool:
 
 
 @torch.no_grad()
-def next_direction(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> torch.Tensor:
-    """U such that the optimiser's next step moves `param` by −lr·U (first order; `param.grad` must be set).
+def next_directions(optimizer: torch.optim.Optimizer, group: dict, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """U of every parameter in `params` (one shape, one parameter group), stacked: the optimiser's next step moves
+    ``params[i]`` by −lr·U[i] to first order (every ``.grad`` must be set).
 
-    For a parameter sharded by FSDP2, U of this rank's shard (computed on plain tensors, without DTensor's
-    per-operation overhead)."""
-    grad = local(param.grad)
+    Computed on the stacked gradients and state, so a group of layers costs the same few operations as one layer.
+    For parameters sharded by FSDP2, U of this rank's shards (plain tensors, without DTensor's per-operation
+    overhead)."""
+    grad = torch.stack([local(p.grad) for p in params])
     if group.get("maximize", False):
         grad = -grad
-    state = local_state(optimizer.state.get(param, {}))
-    param = local(param)
+    states = [local_state(optimizer.state.get(p, {})) for p in params]
+    if group["weight_decay"] and not (isinstance(optimizer, torch.optim.Adam)
+                                      and group.get("decoupled_weight_decay", False)):
+        grad = grad.add(torch.stack([local(p) for p in params]), alpha=group["weight_decay"])  # L2 enters the moments
     if isinstance(optimizer, torch.optim.Adam):
-        if group["weight_decay"] and not group.get("decoupled_weight_decay", False):
-            grad = grad.add(param, alpha=group["weight_decay"])  # Adam's L2 term enters the moments
-        beta1, beta2 = group["betas"]
-        step = state.get("step", 0.0)
-        if isinstance(step, torch.Tensor):  # float32 on the host (bias corrections need float64), or on the device
-            step = float(step) if step.device.type == "cpu" else step.to(torch.float64)  # no device sync
-        step = step + 1.0
-        m = state["exp_avg"] * beta1 + grad * (1.0 - beta1) if "exp_avg" in state else grad * (1.0 - beta1)
-        v = (state["exp_avg_sq"] * beta2 if "exp_avg_sq" in state else torch.zeros_like(grad)).addcmul_(
-            grad, grad, value=1.0 - beta2)
-        if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
-            v = torch.maximum(v, state["max_exp_avg_sq"])
-        denom = (v / (1.0 - beta2**step)).sqrt_().add_(group["eps"])
-        return (m / (1.0 - beta1**step)).div_(denom)
-    if group["weight_decay"]:
-        grad = grad.add(param, alpha=group["weight_decay"])
+        return _adam_direction(group, states, grad)
+    return _sgd_direction(group, states, grad)
+
+
+def _stacked(states: list[dict], key: str, like: torch.Tensor) -> torch.Tensor | None:
+    """The state `key` of every parameter, stacked (zeros where a parameter has none yet); None if none has it."""
+    values = [state.get(key) for state in states]
+    if all(value is None for value in values):
+        return None
+    return torch.stack([torch.zeros_like(like[i]) if value is None else value for i, value in enumerate(values)])
+
+
+def _adam_direction(group: dict, states: list[dict], grad: torch.Tensor) -> torch.Tensor:
+    """m̂ / (sqrt(v̂) + ε) of the step about to be taken, per parameter (the bias corrections of each one's step)."""
+    beta1, beta2 = group["betas"]
+    exp_avg, exp_avg_sq = _stacked(states, "exp_avg", grad), _stacked(states, "exp_avg_sq", grad)
+    m = grad * (1.0 - beta1) if exp_avg is None else exp_avg * beta1 + grad * (1.0 - beta1)
+    v = (torch.zeros_like(grad) if exp_avg_sq is None else exp_avg_sq * beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    max_sq = _stacked(states, "max_exp_avg_sq", grad) if group.get("amsgrad", False) else None
+    if max_sq is not None:
+        v = torch.maximum(v, max_sq)
+    steps = [state.get("step", 0.0) for state in states]
+    if all(not isinstance(step, torch.Tensor) or step.device.type == "cpu" for step in steps):
+        # float32 on the host (the bias corrections need float64): read without a device sync
+        steps = [float(step) + 1.0 for step in steps]
+        if len(set(steps)) == 1:
+            m_hat, v_hat = m / (1.0 - beta1 ** steps[0]), v / (1.0 - beta2 ** steps[0])
+        else:  # parameters at different steps (some had no gradient before): per parameter
+            m_hat = torch.stack([m[i] / (1.0 - beta1**t) for i, t in enumerate(steps)])
+            v_hat = torch.stack([v[i] / (1.0 - beta2**t) for i, t in enumerate(steps)])
+    else:  # step counters on the device (capturable / fused Adam): stacked there, no sync
+        step = torch.stack([torch.as_tensor(t, device=grad.device) for t in steps]).to(torch.float64) + 1.0
+        shape = (-1,) + (1,) * (grad.dim() - 1)
+        m_hat = m / (1.0 - beta1**step).to(grad.dtype).view(shape)
+        v_hat = v / (1.0 - beta2**step).to(grad.dtype).view(shape)
+    return m_hat.div_(v_hat.sqrt_().add_(group["eps"]))
+
+
+def _sgd_direction(group: dict, states: list[dict], grad: torch.Tensor) -> torch.Tensor:
+    """SGD's step direction: the gradient, or the momentum buffer about to be formed (Nesterov: g + μ buf)."""
     momentum = group.get("momentum", 0.0)
     if not momentum:
         return grad
-    buf = state.get("momentum_buffer")
-    buf = grad.clone() if buf is None else buf * momentum + grad * (1.0 - group.get("dampening", 0.0))
+    bufs = [state.get("momentum_buffer") for state in states]
+    # a parameter's first momentum step starts its buffer at g (no dampening), later ones update it
+    buf = torch.stack([grad[i] if b is None else b * momentum + grad[i] * (1.0 - group.get("dampening", 0.0))
+                       for i, b in enumerate(bufs)]) if any(b is None for b in bufs) else \
+        torch.stack(bufs).mul_(momentum).add_(grad, alpha=1.0 - group.get("dampening", 0.0))
     return grad + buf * momentum if group.get("nesterov", False) else buf

@@ -9,6 +9,8 @@ the same state when it restarts its factors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from scalora.errors import ConfigError
@@ -61,18 +63,21 @@ def check_moments(state: dict) -> None:
 
 
 @torch.no_grad()
-def scale_moments(state: dict, factor: torch.Tensor) -> None:
-    """Transform one parameter's optimiser state for gradients multiplied by `factor` (broadcastable); see
-    `check_moments` for state it does not know."""
-    for key in _LINEAR:
-        if isinstance(state.get(key), torch.Tensor):
-            state[key].mul_(factor.to(state[key].dtype))
-    for key in _QUADRATIC:
-        if isinstance(state.get(key), torch.Tensor):
-            state[key].mul_(factor.square().to(state[key].dtype))
-    for key in _ABSOLUTE:
-        if isinstance(state.get(key), torch.Tensor):
-            state[key].mul_(factor.abs().to(state[key].dtype))
+def scale_moments(states: Sequence[dict], factors: Sequence[torch.Tensor]) -> None:
+    """Transform the optimiser state of several parameters, ``states[i]`` for gradients multiplied by ``factors[i]``
+    (broadcastable, in the moments' dtype): one multi-tensor multiplication per kind of moment. See `check_moments`
+    for state it does not know."""
+    for key in MOMENT_KEYS:
+        pairs = [(state[key], factor) for state, factor in zip(states, factors, strict=True)
+                 if isinstance(state.get(key), torch.Tensor)]
+        if not pairs:
+            continue
+        moments, by = [moment for moment, _ in pairs], [factor for _, factor in pairs]
+        if key in _QUADRATIC:
+            by = torch._foreach_mul(by, by)
+        elif key in _ABSOLUTE:
+            by = torch._foreach_abs(by)
+        torch._foreach_mul_(moments, by)
 
 
 @torch.no_grad()

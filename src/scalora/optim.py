@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from scalora.directions import next_direction, scale_invariant
+from scalora.directions import next_directions, scale_invariant
 from scalora.errors import ConfigError
-from scalora.factors import LoraFactors
 from scalora.moments import check_moments, check_transformable, scale_moments
 from scalora.scaling_problem import optimizer_system, scaling_system
 from scalora.sharded import is_sharded, local, local_rows, local_state, sum_partial, whole, whole_stacked
@@ -274,14 +273,9 @@ class ScaLoRA(OptimizerWrapper):
         kinds, scales_B, scales_A = [], [], []
         refused: list[tuple[str, torch.Tensor]] = []
         for indices in groups.values():
-            layers = [self.layers[i][1] for i in indices]
-            scales, A = self._solve(tuple(indices), group_of[id(layers[0].lora_A)], group_of[id(layers[0].lora_B)])
-            keep = scales.kind != IDENTITY
-            for k, (i, layer) in enumerate(zip(indices, layers, strict=True)):
-                flag = self._apply(layer, A[k], scales.scale_B[k], scales.scale_A[k], keep[k],
-                                   self._fold_generator(i))
-                if flag is not None:
-                    refused.append((self.layers[i][0], flag))
+            first = self.layers[indices[0]][1]
+            scales, A, B = self._solve(tuple(indices), group_of[id(first.lora_A)], group_of[id(first.lora_B)])
+            refused += self._apply(tuple(indices), A, B, scales)
             kinds.append(scales.kind)
             scales_B.append(scales.scale_B.flatten())
             scales_A.append(scales.scale_A.flatten())
@@ -307,16 +301,17 @@ class ScaLoRA(OptimizerWrapper):
                                                device=device)
         return self._scalings[key]
 
-    def _solve(self, indices: tuple[int, ...], group_A: dict, group_B: dict) -> tuple[Scales, torch.Tensor]:
+    def _solve(self, indices: tuple[int, ...], group_A: dict, group_B: dict
+               ) -> tuple[Scales, torch.Tensor, torch.Tensor]:
         """The scales of layers of one shape (and one pair of parameter groups `group_A`, `group_B` of their lora_A
-        and lora_B), by the paper's rule or from the wrapped optimiser's next step; and their lora_A, stacked whole
-        (gathered under FSDP2), for the folds."""
+        and lora_B), by the paper's rule or from the wrapped optimiser's next step; and, for the folds, their lora_A
+        stacked whole (gathered under FSDP2) and their lora_B stacked (this rank's rows)."""
         layers = [self.layers[i][1] for i in indices]
         # under FSDP2, A whole and B's local rows: the system is then this rank's partial sum (`scalora.sharded`);
         # A, its gradient and its direction are gathered in one call
         A_side = [layer.lora_A for layer in layers] + [layer.lora_A.grad for layer in layers]
         if self.rule == "optimizer":
-            A_side += [next_direction(self.optimizer, group_A, layer.lora_A) for layer in layers]
+            A_side += list(next_directions(self.optimizer, group_A, [layer.lora_A for layer in layers]))
         A, grad_A, *dirs_A = whole_stacked(A_side).split(len(layers))
         B = torch.stack([local(layer.lora_B) for layer in layers])
         grad_B = torch.stack([local(layer.lora_B.grad) for layer in layers])
@@ -326,51 +321,66 @@ class ScaLoRA(OptimizerWrapper):
         else:
             # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
             ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
-            dirs_B = torch.stack([next_direction(self.optimizer, group_B, layer.lora_B) * ratio for layer in layers])
+            dirs_B = next_directions(self.optimizer, group_B, [layer.lora_B for layer in layers])
+            if ratio != 1.0:
+                dirs_B.mul_(ratio)
             H, lam, second, norms = optimizer_system(A, B, grad_A, grad_B, dirs_A[0], dirs_B)
         if is_sharded(layers[0].lora_B):
             H, lam, second, norms = sum_partial(layers[0].lora_B, H, lam, second, norms)
         return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second, lr=group_A["lr"],
-                            tau=self.tau, norms=norms, factor_norm=self.factor_norm), A
+                            tau=self.tau, norms=norms, factor_norm=self.factor_norm), A, B
 
-    def _apply(self, layer: LoraFactors, A_whole: torch.Tensor, scale_B: torch.Tensor, scale_A: torch.Tensor,
-               keep: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
-        """Merge s·B diag(1 − α⊙β) A into W0 (rounded stochastically with `generator` when given), then
-        B ← B diag(α), A ← diag(β) A, and their gradients and moments; α = `scale_B`, β = `scale_A`. `A_whole` is
-        lora_A's value, whole.
+    def _apply(self, indices: tuple[int, ...], A: torch.Tensor, B: torch.Tensor, scales: Scales
+               ) -> list[tuple[str, torch.Tensor]]:
+        """For the layers `indices` of one group: merge s·B diag(1 − α⊙β) A into W0 (rounded stochastically where
+        `_fold_generator` says so), then B ← B diag(α), A ← diag(β) A, and their gradients and moments; α =
+        ``scales.scale_B``, β = ``scales.scale_A``. `A` is their lora_A stacked whole, `B` their lora_B stacked (this
+        rank's rows), both as they were solved from. The folds are one per layer; the pieces and every rescaling are
+        computed for the whole group at once (multi-tensor operations), so a scaling step launches a few operations
+        per group rather than per layer.
 
-        Where `keep` (a 0-dim bool tensor) is False the solve was the identity (α = β = 1): the fold adds exact zeros
-        (both factors are masked, so a NaN in them cannot reach W0) and every multiplication is by 1. An fp16 base
-        weight is checked first: a fold that would overflow it makes the layer the identity for this step, and the
-        returned 0-dim bool (None for other dtypes) says so, on the device.
+        Where the solve was the identity (``scales.kind``), the fold adds exact zeros (both pieces are masked, so a
+        NaN in them cannot reach W0) and every multiplication is by 1. An fp16 base weight is checked first: a fold
+        that would overflow it makes the layer the identity for this step; the returned (layer name, 0-dim bool)
+        pairs, one per fp16 layer, say so, on the device.
         """
-        A, B = layer.lora_A, layer.lora_B
+        layers = [self.layers[i][1] for i in indices]
         if self.transfer_moments:  # before anything changes
-            check_moments(self.optimizer.state.get(B, {}))
-            check_moments(self.optimizer.state.get(A, {}))
-        # under FSDP2 this rank holds some rows of W0, B and A (`scalora.sharded`)
-        rows, B_local = local_rows(A), local(B)
-        fold_B, fold_A = B_local, A_whole
-        if layer.fan_in_fan_out and is_sharded(layer.weight):
-            # W0 stored (in, out): its local rows are columns of the (out, in) update, folded with B whole
-            fold_B, fold_A = whole(B), A_whole[:, local_rows(layer.weight)]
-        piece_B = torch.where(keep, fold_B * (layer.scaling * (1.0 - scale_B * scale_A)).to(B.dtype), 0.0)
-        piece_A = torch.where(keep, fold_A, 0.0)
-        refused = None
-        if layer.weight.dtype == torch.float16:  # bf16 and fp32 share fp32's range: a finite fold cannot overflow
-            refused = ~layer.fold_finite(piece_B, piece_A)
-            keep = keep & ~refused
-            scale_B, scale_A = torch.where(keep, scale_B, 1.0), torch.where(keep, scale_A, 1.0)
-            piece_B, piece_A = torch.where(keep, piece_B, 0.0), torch.where(keep, piece_A, 0.0)
-        layer.fold_(piece_B, piece_A, generator)
-        scale_B, scale_A = scale_B.to(B.dtype), scale_A.to(A.dtype)
-        B_local.mul_(scale_B)
-        local(A).mul_(scale_A[rows, None])
-        local(B.grad).mul_(scale_A)  # ∂ℓ/∂B̃ = g_B diag(β)
-        local(A.grad).mul_(scale_B[rows, None])  # ∂ℓ/∂Ã = diag(α) g_A
+            for layer in layers:
+                check_moments(self.optimizer.state.get(layer.lora_B, {}))
+                check_moments(self.optimizer.state.get(layer.lora_A, {}))
+        keep = (scales.kind != IDENTITY)[:, None, None]
+        coef = (self._scaling(indices, A.device)[:, None] * (1.0 - scales.scale_B * scales.scale_A)).to(B.dtype)
+        pieces_B = torch.where(keep, B * coef[:, None, :], 0.0)
+        pieces_A = torch.where(keep, A, 0.0)
+        scale_B = list(scales.scale_B.to(B.dtype).unbind(0))
+        scale_A = list(scales.scale_A.to(A.dtype).unbind(0))
+        refused = []
+        for k, (i, layer) in enumerate(zip(indices, layers, strict=True)):
+            piece_B, piece_A = pieces_B[k], pieces_A[k]
+            if layer.fan_in_fan_out and is_sharded(layer.weight):
+                # W0 stored (in, out) under FSDP2: its local rows are columns of the (out, in) update, folded with
+                # B whole
+                piece_B = torch.where(keep[k], whole(layer.lora_B) * coef[k], 0.0)
+                piece_A = piece_A[:, local_rows(layer.weight)]
+            if layer.weight.dtype == torch.float16:  # bf16 and fp32 share fp32's range: a finite fold cannot overflow
+                flag = ~layer.fold_finite(piece_B, piece_A)
+                refused.append((self.layers[i][0], flag))
+                piece_B, piece_A = torch.where(flag, 0.0, piece_B), torch.where(flag, 0.0, piece_A)
+                scale_B[k], scale_A[k] = torch.where(flag, 1.0, scale_B[k]), torch.where(flag, 1.0, scale_A[k])
+            layer.fold_(piece_B, piece_A, self._fold_generator(i))
+        # under FSDP2 this rank holds some rows of B and A, and of their gradients and moments (`scalora.sharded`)
+        rows = [local_rows(layer.lora_A) for layer in layers]
+        scale_B_rows = [scale[r, None] for scale, r in zip(scale_B, rows, strict=True)]
+        scale_A_rows = [scale[r, None] for scale, r in zip(scale_A, rows, strict=True)]
+        torch._foreach_mul_([local(layer.lora_B) for layer in layers], scale_B)
+        torch._foreach_mul_([local(layer.lora_A) for layer in layers], scale_A_rows)
+        torch._foreach_mul_([local(layer.lora_B.grad) for layer in layers], scale_A)  # ∂ℓ/∂B̃ = g_B diag(β)
+        torch._foreach_mul_([local(layer.lora_A.grad) for layer in layers], scale_B_rows)  # ∂ℓ/∂Ã = diag(α) g_A
         if self.transfer_moments:
-            scale_moments(local_state(self.optimizer.state.get(B, {})), scale_A)
-            scale_moments(local_state(self.optimizer.state.get(A, {})), scale_B[rows, None])
+            state = self.optimizer.state
+            scale_moments([local_state(state.get(layer.lora_B, {})) for layer in layers], scale_A)
+            scale_moments([local_state(state.get(layer.lora_A, {})) for layer in layers], scale_B_rows)
         return refused
 
     def _stats(self, kinds: list[torch.Tensor], scales_B: list[torch.Tensor], scales_A: list[torch.Tensor],
