@@ -16,8 +16,9 @@ Communication: one extra step of each method runs under a dispatch mode that see
 all-reduce's tensor). ScaLoRA's extra traffic is what its ``optimizer.step()`` makes (LoRA's AdamW step makes
 none). `scaling_step_traffic` computes the same from the layer shapes (`scalora.sharded`: per group of layers of one
 shape, one all-gather of every layer's A, its gradient and, for the optimiser-aware rule, the optimiser's direction
-for A, r × in each, and one all-reduce of the partial systems, 4r² + 2r + 1 numbers per layer (4r² + r for the
-paper's rule), float32 for float32 factors); the measured counts must equal it, and it is then
+for A, r × in each; and for all groups together (one rank r) one all-reduce of the partial systems, 4r² + 2r + 1
+numbers per layer (4r² + r for the paper's rule), float32 for float32 factors); the measured counts must equal it, and
+it is then
 evaluated for a 7 B Llama.
 
 Run ``python benchmarks/fsdp_step.py`` (``--small`` for a seconds-long smoke run).
@@ -82,7 +83,7 @@ def scaling_step_traffic(shapes: Sequence[tuple[int, int]], r: int, rule: str = 
     groups = len(set(shapes))
     return {"all_gather": {"calls": groups,
                            "bytes": sum(gathers * r * fan_in for fan_in, _ in shapes) * element_bytes},
-            "all_reduce": {"calls": groups, "bytes": len(shapes) * system * element_bytes}}
+            "all_reduce": {"calls": 1, "bytes": len(shapes) * system * element_bytes}}
 
 
 def totals(traffic: dict[str, dict[str, int]]) -> dict[str, int]:

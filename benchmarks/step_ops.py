@@ -84,7 +84,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"| {row['blocks']} | {row['layers']} | {row['adamw']} | {row['scalora']} | {row['extra']} |"
               for row in report["rows"]]
     lines += ["", f"ScaLoRA's extra operations: **{report['extra_per_layer']:.1f} per adapted layer** plus "
-              f"{report['extra_fixed']:.0f} per step (the solves, one per group of layers of one shape)."]
+              f"{report['extra_fixed']:.0f} per step (per shape group the stacked directions and Gram products, and "
+              "one batched solve for all layers)."]
     return "\n".join(lines) + "\n"
 
 

@@ -272,13 +272,24 @@ class ScaLoRA(OptimizerWrapper):
             raise ConfigError(NO_GRADIENTS.format(step=self.num_steps))
         kinds, scales_B, scales_A = [], [], []
         refused: list[tuple[str, torch.Tensor]] = []
+        built = []  # per group: its layers, its system (this rank's part under FSDP2), A whole and B (local) stacked
+        batches: dict[tuple, list[int]] = defaultdict(list)  # groups whose systems are solved in one batch
         for indices in groups.values():
             first = self.layers[indices[0]][1]
-            scales, A, B = self._solve(tuple(indices), group_of[id(first.lora_A)], group_of[id(first.lora_B)])
-            refused += self._apply(tuple(indices), A, B, scales)
-            kinds.append(scales.kind)
-            scales_B.append(scales.scale_B.flatten())
-            scales_A.append(scales.scale_A.flatten())
+            group_A, group_B = group_of[id(first.lora_A)], group_of[id(first.lora_B)]
+            system, A, B = self._system(tuple(indices), group_A, group_B)
+            # systems of one size (2r), dtype and learning rate (and, under FSDP2, mesh) stack, whatever the shapes
+            mesh = id(first.lora_B.device_mesh) if is_sharded(first.lora_B) else None
+            batches[(system[0].shape[-1], system[0].dtype, system[0].device, group_A["lr"], mesh)].append(len(built))
+            built.append((tuple(indices), system, A, B))
+        for (_, _, _, lr, _), members in batches.items():
+            scales = self._solve([built[j][0] for j in members], [built[j][1] for j in members], lr)
+            for j, part in zip(members, scales, strict=True):
+                indices, _, A, B = built[j]
+                refused += self._apply(indices, A, B, part)
+                kinds.append(part.kind)
+                scales_B.append(part.scale_B.flatten())
+                scales_A.append(part.scale_A.flatten())
         branches = [layer.side_branch for _, layer in self.layers if layer.side_branch is not None]
         compress(branches)
         self.last_stats = self._stats(kinds, scales_B, scales_A, refused, branches)
@@ -301,10 +312,11 @@ class ScaLoRA(OptimizerWrapper):
                                                device=device)
         return self._scalings[key]
 
-    def _solve(self, indices: tuple[int, ...], group_A: dict, group_B: dict
-               ) -> tuple[Scales, torch.Tensor, torch.Tensor]:
-        """The scales of layers of one shape (and one pair of parameter groups `group_A`, `group_B` of their lora_A
-        and lora_B), by the paper's rule or from the wrapped optimiser's next step; and, for the folds, their lora_A
+    def _system(self, indices: tuple[int, ...], group_A: dict, group_B: dict
+                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """The system (H, λ, ‖U_B U_A‖², squared factor norms; the last two None where the rule needs none) of the
+        layers `indices` of one shape (and one pair of parameter groups `group_A`, `group_B` of their lora_A and
+        lora_B), by the paper's rule or from the wrapped optimiser's next step; and, for the folds, their lora_A
         stacked whole (gathered under FSDP2) and their lora_B stacked (this rank's rows)."""
         layers = [self.layers[i][1] for i in indices]
         # under FSDP2, A whole and B's local rows: the system is then this rank's partial sum (`scalora.sharded`);
@@ -315,20 +327,31 @@ class ScaLoRA(OptimizerWrapper):
         A, grad_A, *dirs_A = whole_stacked(A_side).split(len(layers))
         B = torch.stack([local(layer.lora_B) for layer in layers])
         grad_B = torch.stack([local(layer.lora_B.grad) for layer in layers])
-        scaling = self._scaling(indices, A.device)
         if self.rule == "paper":
-            (H, lam), second, norms = scaling_system(A, B, grad_A, grad_B), None, None
-        else:
-            # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
-            ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
-            dirs_B = next_directions(self.optimizer, group_B, [layer.lora_B for layer in layers])
-            if ratio != 1.0:
-                dirs_B.mul_(ratio)
-            H, lam, second, norms = optimizer_system(A, B, grad_A, grad_B, dirs_A[0], dirs_B)
-        if is_sharded(layers[0].lora_B):
-            H, lam, second, norms = sum_partial(layers[0].lora_B, H, lam, second, norms)
-        return solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second, lr=group_A["lr"],
-                            tau=self.tau, norms=norms, factor_norm=self.factor_norm), A, B
+            return (*scaling_system(A, B, grad_A, grad_B), None, None), A, B
+        # U_B in units of lora_A's learning rate, so that one η serves the layer (LoRA+ has two)
+        ratio = group_B["lr"] / group_A["lr"] if group_A["lr"] else 1.0
+        dirs_B = next_directions(self.optimizer, group_B, [layer.lora_B for layer in layers])
+        if ratio != 1.0:
+            dirs_B.mul_(ratio)
+        return optimizer_system(A, B, grad_A, grad_B, dirs_A[0], dirs_B), A, B
+
+    def _solve(self, groups: list[tuple[int, ...]], systems: list[tuple[torch.Tensor, ...]], lr: float
+               ) -> list[Scales]:
+        """The scales of several groups of layers, from their systems (of one size, dtype and learning rate `lr`)
+        stacked into one batched solve (and, under FSDP2, summed over the ranks in one all-reduce); one `Scales`
+        per group."""
+        H, lam, second, norms = (None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
+                                 for parts in zip(*systems, strict=True))
+        first = self.layers[groups[0][0]][1]
+        if is_sharded(first.lora_B):
+            H, lam, second, norms = sum_partial(first.lora_B, H, lam, second, norms)
+        scaling = self._scaling(tuple(i for indices in groups for i in indices), H.device)
+        scales = solve_system(H, lam, scaling, self.c, self.mode, power=self.power, second=second, lr=lr,
+                              tau=self.tau, norms=norms, factor_norm=self.factor_norm)
+        sizes = [len(indices) for indices in groups]
+        return [Scales(*parts) for parts in zip(scales.scale_B.split(sizes), scales.scale_A.split(sizes),
+                                                scales.kind.split(sizes), strict=True)]
 
     def _apply(self, indices: tuple[int, ...], A: torch.Tensor, B: torch.Tensor, scales: Scales
                ) -> list[tuple[str, torch.Tensor]]:

@@ -10,7 +10,8 @@ only (`scalora.scaling_problem.optimizer_system`):
   products over its own rows are partial sums. H, the β block of λ, ‖U_B U_A‖² and B's squared column norms are
   linear in them, so the system
   built from the local rows of B and the whole A is the rank's partial system: summed over the ranks (one
-  all-reduce per group of layers), it is the system of the whole layer. The α block of λ (rowdot over A) is already
+  all-reduce for the systems of all groups, which stack whatever the layers' shapes), it is the system of the whole
+  layer. The α block of λ (rowdot over A) is already
   whole on every rank and is not summed.
 
 Every rank then solves the same system to the same scales (α of the columns of B, β of the rows of A), folds
