@@ -282,7 +282,7 @@ def to_markdown(rep: dict[str, Any]) -> str:
     lines.append(f"| total | {big['total']['calls']} | {_size(big['total']['bytes'])} |")
     lines += ["", f"FSDP2 itself gathers every weight in the forward and again in the backward: "
                   f"{big['fsdp2_step_gather_bytes_bf16'] / 2**30:.1f} GiB per step in bf16, so a scaling step adds "
-                  f"{100 * big['extra_fraction']:.2f} % to the traffic, in 6 calls."]
+                  f"{100 * big['extra_fraction']:.2f} % to the traffic, in {big['total']['calls']} calls."]
     lines += ["", f"The prototype's ≈ {big['prototype_bytes'] / 1e3:.0f} KB is six r × r float32 Gram matrices per "
                   f"layer all-reduced: {_size(big['six_grams_bytes'])}. It leaves out A: the fold into a rank's rows "
                   f"of W0 needs A whole, at least one gather of r × in per layer, {_size(big['A_whole_bytes'])}; "
