@@ -94,9 +94,11 @@ def _sgd_direction(group: dict, states: list[dict], grad: torch.Tensor) -> torch
     momentum = group.get("momentum", 0.0)
     if not momentum:
         return grad
+    dampening = group.get("dampening", 0.0)
     bufs = [state.get("momentum_buffer") for state in states]
-    # a parameter's first momentum step starts its buffer at g (no dampening), later ones update it
-    buf = torch.stack([grad[i] if b is None else b * momentum + grad[i] * (1.0 - group.get("dampening", 0.0))
-                       for i, b in enumerate(bufs)]) if any(b is None for b in bufs) else \
-        torch.stack(bufs).mul_(momentum).add_(grad, alpha=1.0 - group.get("dampening", 0.0))
+    if any(b is None for b in bufs):  # a parameter's first momentum step starts its buffer at g (no dampening)
+        buf = torch.stack([grad[i] if b is None else b * momentum + grad[i] * (1.0 - dampening)
+                           for i, b in enumerate(bufs)])
+    else:
+        buf = torch.stack(bufs) * momentum + grad * (1.0 - dampening)
     return grad + buf * momentum if group.get("nesterov", False) else buf
