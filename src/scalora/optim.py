@@ -272,7 +272,7 @@ class ScaLoRA(OptimizerWrapper):
             raise ConfigError(NO_GRADIENTS.format(step=self.num_steps))
         kinds, scales_B, scales_A = [], [], []
         refused: list[tuple[str, torch.Tensor]] = []
-        built = []  # per group: its layers, its system (this rank's part under FSDP2), A whole and B (local) stacked
+        built = []  # per group: its layer indices, its system (this rank's part under FSDP2), A whole, B local
         batches: dict[tuple, list[int]] = defaultdict(list)  # groups whose systems are solved in one batch
         for indices in groups.values():
             first = self.layers[indices[0]][1]

@@ -8,11 +8,10 @@ only (`scalora.scaling_problem.optimizer_system`):
   all-gather;
 * the B-side products BᵀB, Bᵀ U_B, U_Bᵀ U_B and coldot(∂ℓ/∂B, U_B) are sums over the rows of B, so each rank's
   products over its own rows are partial sums. H, the β block of λ, ‖U_B U_A‖² and B's squared column norms are
-  linear in them, so the system
-  built from the local rows of B and the whole A is the rank's partial system: summed over the ranks (one
-  all-reduce for the systems of all groups, which stack whatever the layers' shapes), it is the system of the whole
-  layer. The α block of λ (rowdot over A) is already
-  whole on every rank and is not summed.
+  linear in them, so the system built from the local rows of B and the whole A is the rank's partial system:
+  summed over the ranks (one all-reduce for the systems of all groups, which stack whatever the layers' shapes), it
+  is the system of the whole layer. The α block of λ (rowdot over A) is already whole on every rank and is not
+  summed.
 
 Every rank then solves the same system to the same scales (α of the columns of B, β of the rows of A), folds
 s·B_local diag(1 − α⊙β) A into its own rows of W0, rescales its rows of B (all r columns) and its rows of A (the β
