@@ -571,6 +571,32 @@ def test_inconsistent_layer_takes_pseudo_inverse_path_alone(monkeypatch):
     assert float(objective(H[1], lam[1], v)) == pytest.approx(f_best, rel=1e-10)
 
 
+def test_failed_factorisation_with_a_zero_pivot_does_not_raise(monkeypatch):
+    """Where Cholesky fails, LAPACK may leave an exact zero on L's diagonal (seen on a rank-2 system of a layer whose
+    factor columns had collapsed), on which `cholesky_inverse` raises. That layer must go to the pseudo-inverse path,
+    and the answer of every layer must equal the one a successful factorisation gives."""
+    gen = torch.Generator().manual_seed(7)
+    r, dim, n = 2, 9, 3
+    X = torch.rand(n, dim, 2 * r, dtype=torch.float32, generator=gen) + 0.1
+    H = X.mT @ X
+    lam = (X.mT @ torch.rand(n, dim, 1, dtype=torch.float32, generator=gen)).squeeze(-1)
+    expected = solve_system(H, lam, 1.0, 1.0)
+    cholesky_ex = torch.linalg.cholesky_ex
+
+    def failing_on_layer_1(A, *args, **kwargs):
+        L, info = cholesky_ex(A, *args, **kwargs)
+        L, info = L.clone(), info.clone()
+        L[1, -1, -1] = 0.0  # what LAPACK leaves when the last pivot comes out exactly 0
+        info[1] = L.shape[-1]
+        return L, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_on_layer_1)
+    got = solve_system(H, lam, 1.0, 1.0)
+    assert got.kind.tolist() == expected.kind.tolist()
+    torch.testing.assert_close(got.scale_B, expected.scale_B, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.scale_A, expected.scale_A, rtol=1e-4, atol=1e-6)
+
+
 def test_unbounded_inconsistent_system_is_identity():
     """λ outside the range of H (impossible for true gradients) with 1ᵀH1 = 0 in a block: no finite minimiser."""
     H = torch.tensor(

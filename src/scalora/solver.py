@@ -126,7 +126,10 @@ def _column_solve(H: Tensor, lam: Tensor, free: Tensor) -> tuple[Tensor, Tensor]
 
     ridge = 1e-2 * eps_dt**0.5
     L, info = torch.linalg.cholesky_ex(Hs + ridge * eye)
-    inv = torch.cholesky_inverse(L)  # (Hs + ridge·I)⁻¹; garbage where info ≠ 0, caught below
+    # where the factorisation failed, L may hold a zero pivot, on which cholesky_inverse raises: use I there (those
+    # layers are flagged below and solved again)
+    L = torch.where((info == 0).unsqueeze(-1).unsqueeze(-1), L, eye)
+    inv = torch.cholesky_inverse(L)  # (Hs + ridge·I)⁻¹ where the factorisation succeeded
     u = (inv @ ls.unsqueeze(-1)).squeeze(-1)
     for _ in range(2):  # iterative refinement undoes the ridge for all but the tiniest eigenvalues
         res = ls - (Hs @ u.unsqueeze(-1)).squeeze(-1)
