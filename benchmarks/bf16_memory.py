@@ -72,8 +72,9 @@ def worker(method: str, steps: int, batch: int, length: int) -> dict:
 def markdown(report: dict) -> str:
     rows = report["results"]
     lora = rows["lora"]
+    json_name = Path(report["args"]["out"]).name
     lines = ["# Peak memory in bf16: ScaLoRA against LoRA (SmolLM2-135M's shape, random weights)", "",
-             f"Written by `benchmarks/bf16_memory.py` (`{report['command']}`), with `bf16_memory.json`. "
+             f"Written by `benchmarks/bf16_memory.py` (`{report['command']}`), with `{json_name}`. "
              f"{report['args']['steps']} training steps of {report['args']['batch']} × {report['args']['length']} "
              "tokens per method, each in a fresh process; r = 8 on every linear layer, AdamW.", "",
              "| method | peak RSS MiB | × LoRA | growth in training MiB | parameters + buffers MiB | × LoRA |",
