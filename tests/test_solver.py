@@ -16,7 +16,9 @@ import math
 import pytest
 import torch
 from scipy.optimize import nnls
+from torch import Tensor
 
+import scalora.solver as solver_module
 from scalora.scaling_problem import objective, scales_from_v, scaling_system, v_from_scales
 from scalora.solver import (
     COLUMN,
@@ -595,6 +597,72 @@ def test_failed_factorisation_with_a_zero_pivot_does_not_raise(monkeypatch):
     assert got.kind.tolist() == expected.kind.tolist()
     torch.testing.assert_close(got.scale_B, expected.scale_B, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got.scale_A, expected.scale_A, rtol=1e-4, atol=1e-6)
+
+
+def _singular_systems(dtype: torch.dtype, seed: int = 5) -> tuple[Tensor, Tensor]:
+    """Consistent systems H v = λ (λ = H x) whose H = XᵀX has rank 2, 3, …: duplicated and dependent columns."""
+    gen = torch.Generator().manual_seed(seed)
+    m, dim, n = 8, 30, 5
+    basis = torch.rand(n, dim, m, dtype=F64, generator=gen)
+    mix = torch.rand(n, m, m, dtype=F64, generator=gen)
+    for k in range(n):
+        mix[k, :, k + 2:] = 0.0  # layer k's X spans k + 2 directions
+    X = basis @ mix.mT
+    H = X.mT @ X
+    lam = (H @ (torch.rand(n, m, 1, dtype=F64, generator=gen) + 0.5)).squeeze(-1)
+    return H.to(dtype), lam.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_regularised_solve_is_the_minimum_norm_solution(dtype):
+    """The accelerator's fallback (iterated Tikhonov) reaches what the host's eigendecomposition pseudo-inverse
+    gives, on singular consistent systems and on non-singular ones."""
+    H, lam = _singular_systems(dtype)
+    Hs = H / H.diagonal(dim1=-2, dim2=-1).sqrt().unsqueeze(-1) / H.diagonal(dim1=-2, dim2=-1).sqrt().unsqueeze(-2)
+    ls = lam / H.diagonal(dim1=-2, dim2=-1).sqrt()
+    exact = solver_module._pseudo_inverse_solve(Hs, ls).double()
+    got = solver_module._regularised_solve(Hs, ls).double()
+    # the two cutoffs differ (soft at sqrt(ε), hard at 2r·10·ε), so the vectors agree to about sqrt(ε)·k
+    tol = 1e-2 if dtype == torch.float32 else 1e-6
+    assert ((got - exact).norm(dim=-1) <= tol * exact.norm(dim=-1)).all()
+    Hd, ld = Hs.double(), ls.double()
+    residual = (Hd @ got.unsqueeze(-1)).squeeze(-1) - ld
+    assert (residual.norm(dim=-1) <= torch.finfo(dtype).eps ** 0.5 * ld.norm(dim=-1)).all()
+    f_got, f_exact = objective(Hd, ld, got), objective(Hd, ld, exact)
+    assert (f_got <= f_exact + 10 * torch.finfo(dtype).eps * f_exact.abs()).all()
+    eye = torch.eye(8, dtype=dtype)
+    well = Hs + eye
+    torch.testing.assert_close(solver_module._regularised_solve(well, ls).double(),
+                               torch.linalg.solve(well.double(), ls.double().unsqueeze(-1)).squeeze(-1),
+                               rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_accelerator_path_waits_for_nothing_and_matches_the_host(monkeypatch, dtype):
+    """On an accelerator the solver must not call what checks error codes on the host (a device sync):
+    ``torch.cholesky_inverse`` and ``torch.linalg.eigh``. Run the accelerator path on CPU with both made to fail,
+    on singular, ill-conditioned and ordinary systems: the same kinds, and objectives as good as the host path's."""
+    H, lam = _singular_systems(dtype)
+    gen = torch.Generator().manual_seed(9)
+    X = torch.rand(3, 40, 8, dtype=F64, generator=gen)
+    X[0, :, -1] = X[0, :, :-1].mean(-1) + 1e-7 * torch.rand(40, dtype=F64, generator=gen)  # ill-conditioned
+    H2 = X.mT @ X
+    lam2 = (H2 @ (torch.rand(3, 8, 1, dtype=F64, generator=gen) + 0.5)).squeeze(-1)
+    H, lam = torch.cat([H, H2.to(dtype)]), torch.cat([lam, lam2.to(dtype)])
+    host = solve_system(H, lam, 1.0, 1.0)
+
+    def waits(*args, **kwargs):
+        raise AssertionError("a call that waits for the device ran on the accelerator path")
+
+    monkeypatch.setattr(solver_module, "_on_host", lambda t: False)
+    monkeypatch.setattr(torch, "cholesky_inverse", waits)
+    monkeypatch.setattr(torch.linalg, "eigh", waits)
+    device = solve_system(H, lam, 1.0, 1.0)
+    assert device.kind.tolist() == host.kind.tolist()
+    f_host = objective(H.double(), lam.double(), v_from_scales(host.scale_B, host.scale_A, 1.0, 1.0).double())
+    f_device = objective(H.double(), lam.double(), v_from_scales(device.scale_B, device.scale_A, 1.0, 1.0).double())
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    assert (f_device <= f_host + tol * f_host.abs()).all(), (f_device, f_host)
 
 
 def test_unbounded_inconsistent_system_is_identity():

@@ -3,10 +3,11 @@
 The problem is the quadratic min over v ≥ 0 of vᵀ H v − 2 λᵀ v of :mod:`scalora.scaling_problem`, whose variable v
 holds the scales of the columns of ``lora_B`` (the first r entries, α in the paper) and of the rows of ``lora_A``
 (the last r, β). Per layer: the indices that cannot lower the objective are left out (:func:`degenerate_mask`); the
-reduced system H_FF v_F = λ_F (the KKT point when it is positive) is solved by Cholesky with an eigendecomposition
-fallback; otherwise the 2-variable NNLS of one scale per factor is solved in closed form. :func:`solve_scales` is the
-paper's rule from the factors and their gradients; :func:`solve_system` solves a given system (the optimiser-aware
-one included, with c picked per layer by :func:`~scalora.scaling_problem.lora_step_c` or
+reduced system H_FF v_F = λ_F (the KKT point when it is positive) is solved by Cholesky with a minimum-norm
+least-squares fallback (an eigendecomposition on the host, iterated Tikhonov regularisation on an accelerator, so
+that nothing waits for the device); otherwise the 2-variable NNLS of one scale per factor is solved in closed form.
+:func:`solve_scales` is the paper's rule from the factors and their gradients; :func:`solve_system` solves a given
+system (the optimiser-aware one included, with c picked per layer by :func:`~scalora.scaling_problem.lora_step_c` or
 :func:`~scalora.scaling_problem.first_order_c`).
 """
 
@@ -111,8 +112,10 @@ def _column_solve(H: Tensor, lam: Tensor, free: Tensor) -> tuple[Tensor, Tensor]
     (D H D with D = diag(H)^(-1/2), unit diagonal) and solved by Cholesky with a ridge of 1e-2·sqrt(ε_dtype), followed
     by two steps of iterative refinement against the unridged matrix.
     Layers where the factorisation fails or the residual ‖H v − λ‖ exceeds sqrt(ε_dtype)·‖λ‖ (in the scaled system)
-    are re-solved with an eigendecomposition pseudo-inverse (minimum-norm least squares, eigenvalues below
-    2r·10·ε_dtype·max eigenvalue dropped). Returns v (n, 2r) and a per-layer flag "residual small".
+    are solved again as minimum-norm least squares: by an eigendecomposition pseudo-inverse on the host (eigenvalues
+    below 2r·10·ε_dtype·max eigenvalue dropped), by :func:`_regularised_solve` on an accelerator. Nothing here waits
+    for the device: no factorisation whose error codes torch checks on the host (``cholesky_inverse``, ``eigh``) runs
+    on an accelerator. Returns v (n, 2r) and a per-layer flag "residual small".
     """
     n, m = lam.shape
     dt = H.dtype
@@ -124,12 +127,7 @@ def _column_solve(H: Tensor, lam: Tensor, free: Tensor) -> tuple[Tensor, Tensor]
     Hs = Hr * dinv.unsqueeze(-1) * dinv.unsqueeze(-2)
     ls = lam * fm * dinv
 
-    ridge = 1e-2 * eps_dt**0.5
-    L, info = torch.linalg.cholesky_ex(Hs + ridge * eye)
-    # where the factorisation failed, L may hold a zero pivot, on which cholesky_inverse raises: use I there (those
-    # layers are flagged below and solved again)
-    L = torch.where((info == 0).unsqueeze(-1).unsqueeze(-1), L, eye)
-    inv = torch.cholesky_inverse(L)  # (Hs + ridge·I)⁻¹ where the factorisation succeeded
+    inv, factored = _cholesky_inverse(Hs + 1e-2 * eps_dt**0.5 * eye)
     u = (inv @ ls.unsqueeze(-1)).squeeze(-1)
     for _ in range(2):  # iterative refinement undoes the ridge for all but the tiniest eigenvalues
         res = ls - (Hs @ u.unsqueeze(-1)).squeeze(-1)
@@ -141,14 +139,34 @@ def _column_solve(H: Tensor, lam: Tensor, free: Tensor) -> tuple[Tensor, Tensor]
         res = (Hs @ u.unsqueeze(-1)).squeeze(-1) - ls
         return torch.isfinite(u).all(-1) & (res.norm(dim=-1) <= tol * ls.norm(dim=-1))
 
-    bad = ~((info == 0) & residual_ok(u))
-    if H.device.type == "cpu":  # rare: (near-)singular H. The flags are in host memory: reading them costs nothing
+    bad = ~(factored & residual_ok(u))
+    if _on_host(H):  # rare: (near-)singular H. The flags are in host memory: reading them costs nothing
         idx = bad.nonzero().squeeze(-1)
         if idx.numel():
             u = u.index_copy(0, idx, _pseudo_inverse_solve(Hs[idx], ls[idx]))
     else:  # on an accelerator, solve every layer both ways rather than wait for the flags
-        u = torch.where(bad.unsqueeze(-1), _pseudo_inverse_solve(Hs, ls), u)
+        u = torch.where(bad.unsqueeze(-1), _regularised_solve(Hs, ls), u)
     return u * dinv * fm, residual_ok(u)
+
+
+def _on_host(t: Tensor) -> bool:
+    """Whether `t` lives in host memory, where reading a flag back costs no wait for a device."""
+    return t.device.type == "cpu"
+
+
+def _cholesky_inverse(M: Tensor) -> tuple[Tensor, Tensor]:
+    """M⁻¹ = L⁻ᵀ L⁻¹ from M's Cholesky factor L (batched), and a per-matrix flag "factored".
+
+    L⁻¹ comes from a triangular solve, which checks no error codes, where ``torch.cholesky_inverse`` checks them on
+    the host (a wait for the device on an accelerator) and raises on a zero pivot. Where the factorisation failed,
+    I stands in for L: the inverse is then meaningless and the flag says so.
+    """
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    L, info = torch.linalg.cholesky_ex(M)
+    factored = info == 0
+    L = torch.where(factored.unsqueeze(-1).unsqueeze(-1), L, eye)
+    L_inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    return L_inv.mT @ L_inv, factored
 
 
 def _pseudo_inverse_solve(Hs: Tensor, ls: Tensor) -> Tensor:
@@ -158,6 +176,33 @@ def _pseudo_inverse_solve(Hs: Tensor, ls: Tensor) -> Tensor:
     cutoff = 10.0 * Hs.shape[-1] * torch.finfo(Hs.dtype).eps * w.amax(-1, keepdim=True).clamp_min(0.0)
     winv = torch.where(w > cutoff, 1.0 / w, torch.zeros_like(w))
     return (U @ (winv * (U.mT @ ls.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
+
+
+REGULARISED_ITERATIONS = 20
+"""Steps of iterated Tikhonov regularisation in :func:`_regularised_solve`."""
+
+
+def _regularised_solve(Hs: Tensor, ls: Tensor) -> Tensor:
+    """The minimum-norm least-squares solution of Hs u = ls (batched, Hs symmetric PSD), without waiting for the
+    device: iterated Tikhonov regularisation,
+
+        u₀ = 0,   u_{k+1} = u_k + (Hs + δI)⁻¹ (ls − Hs u_k),   δ = sqrt(ε_dtype)·‖Hs‖_F.
+
+    Along an eigenvector of Hs with eigenvalue w the error shrinks by δ / (w + δ) per step, so after k steps the
+    components with w ≥ δ are solved (to 2⁻ᵏ or better) and those with w ≪ δ are left near 0: the pseudo-inverse
+    solution with a soft cutoff at δ, which changes the objective by at most about δ·‖v‖². What rounding puts in
+    ls outside Hs's range grows by k/δ, so δ is sqrt(ε) rather than :func:`_pseudo_inverse_solve`'s 2r·10·ε (relative
+    to the largest eigenvalue): it keeps that growth at about k·sqrt(ε) of the solution. A matrix that Hs + δI does
+    not make definite (not PSD up to rounding) gets u = 0.
+    """
+    m = Hs.shape[-1]
+    eye = torch.eye(m, dtype=Hs.dtype, device=Hs.device)
+    delta = torch.finfo(Hs.dtype).eps ** 0.5 * torch.linalg.matrix_norm(Hs).unsqueeze(-1).unsqueeze(-1)
+    inv, factored = _cholesky_inverse(Hs + delta * eye)
+    u = torch.zeros_like(ls)
+    for _ in range(REGULARISED_ITERATIONS):
+        u = u + (inv @ (ls - (Hs @ u.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
+    return torch.where(factored.unsqueeze(-1), u, torch.zeros_like(u))
 
 
 def _scalar_solve(H: Tensor, lam: Tensor, free: Tensor) -> Tensor:
