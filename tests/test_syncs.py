@@ -60,6 +60,32 @@ def test_scaling_step_makes_no_sync_until_stats_are_read(syncs, rule, dtype, com
     assert values["scalora/layers"] == 14 and values["scalora/identity"] < 1.0  # the step did rescale layers
 
 
+#: torch calls that check LAPACK / cuSOLVER error codes on the host (`infos.any().item()` inside torch), which on an
+#: accelerator waits for the device; the patches above cannot see those reads
+HOST_CHECKED = [(torch, "cholesky_inverse"), (torch, "cholesky_solve"), (torch, "inverse"), (torch.linalg, "eigh"),
+                (torch.linalg, "svd"), (torch.linalg, "cholesky"), (torch.linalg, "inv"), (torch.linalg, "solve"),
+                (torch.linalg, "pinv"), (torch.linalg, "lstsq")]
+
+
+@pytest.mark.parametrize("rule", ["optimizer", "paper"])
+def test_scaling_step_on_an_accelerator_uses_no_host_checked_linear_algebra(monkeypatch, rule) -> None:
+    """The solver's accelerator path (forced here on CPU) must not call a factorisation whose error codes torch
+    reads back: there the fallback for near-singular systems runs for every layer, so any such call would show."""
+    import scalora.solver
+
+    model = _model()
+    opt = ScaLoRA(model, torch.optim.AdamW(model.parameters(), lr=1e-2), rule=rule,
+                  **({"c": 1.0} if rule == "paper" else {}))
+    _warm_up(model, opt)
+    called = []
+    for module, name in HOST_CHECKED:
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: called.append(_name))
+    monkeypatch.setattr(scalora.solver, "_on_host", lambda t: False)
+    stats = opt.rescale()
+    assert called == [], f"the accelerator path called {called}"
+    assert stats.layers == 14 and stats.identity < 1.0
+
+
 def test_relora_checks_every_fold_with_one_sync(syncs) -> None:
     log, _ = syncs
     model = _model()
