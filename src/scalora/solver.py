@@ -121,17 +121,13 @@ def _column_solve(H: Tensor, lam: Tensor, free: Tensor) -> tuple[Tensor, Tensor]
     dt = H.dtype
     eps_dt = torch.finfo(dt).eps
     fm = free.to(dt)
-    eye = torch.eye(m, dtype=dt, device=H.device)
     Hr = H * fm.unsqueeze(-1) * fm.unsqueeze(-2) + torch.diag_embed(1.0 - fm)
     dinv = Hr.diagonal(dim1=-2, dim2=-1).rsqrt()
     Hs = Hr * dinv.unsqueeze(-1) * dinv.unsqueeze(-2)
     ls = lam * fm * dinv
 
-    inv, factored = _cholesky_inverse(Hs + 1e-2 * eps_dt**0.5 * eye)
-    u = (inv @ ls.unsqueeze(-1)).squeeze(-1)
-    for _ in range(2):  # iterative refinement undoes the ridge for all but the tiniest eigenvalues
-        res = ls - (Hs @ u.unsqueeze(-1)).squeeze(-1)
-        u = u + (inv @ res.unsqueeze(-1)).squeeze(-1)
+    # two steps of iterative refinement after the first undo the ridge for all but the tiniest eigenvalues
+    u, factored = _iterated_solve(Hs, ls, 1e-2 * eps_dt**0.5, steps=3)
 
     tol = eps_dt**0.5
 
@@ -154,19 +150,25 @@ def _on_host(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _cholesky_inverse(M: Tensor) -> tuple[Tensor, Tensor]:
-    """M⁻¹ = L⁻ᵀ L⁻¹ from M's Cholesky factor L (batched), and a per-matrix flag "factored".
+def _iterated_solve(Hs: Tensor, ls: Tensor, ridge: float | Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """`steps` steps of u_{k+1} = u_k + (Hs + ridge·I)⁻¹ (ls − Hs u_k) from u₀ = 0 (batched; `ridge` a number or
+    (n, 1, 1)), and a per-matrix flag "Hs + ridge·I factored".
 
-    L⁻¹ comes from a triangular solve, which checks no error codes, where ``torch.cholesky_inverse`` checks them on
-    the host (a wait for the device on an accelerator) and raises on a zero pivot. Where the factorisation failed,
-    I stands in for L: the inverse is then meaningless and the flag says so.
+    (Hs + ridge·I)⁻¹ = L⁻ᵀ L⁻¹ from its Cholesky factor L, with L⁻¹ from a triangular solve, which checks no error
+    codes, where ``torch.cholesky_inverse`` checks them on the host (a wait for the device on an accelerator) and
+    raises on a zero pivot. Where the factorisation failed, I stands in for L: u is then meaningless and the flag
+    says so.
     """
-    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-    L, info = torch.linalg.cholesky_ex(M)
+    eye = torch.eye(Hs.shape[-1], dtype=Hs.dtype, device=Hs.device)
+    L, info = torch.linalg.cholesky_ex(Hs + ridge * eye)
     factored = info == 0
     L = torch.where(factored.unsqueeze(-1).unsqueeze(-1), L, eye)
     L_inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-    return L_inv.mT @ L_inv, factored
+    inv = L_inv.mT @ L_inv
+    u = (inv @ ls.unsqueeze(-1)).squeeze(-1)
+    for _ in range(steps - 1):
+        u = u + (inv @ (ls - (Hs @ u.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
+    return u, factored
 
 
 def _pseudo_inverse_solve(Hs: Tensor, ls: Tensor) -> Tensor:
@@ -195,13 +197,8 @@ def _regularised_solve(Hs: Tensor, ls: Tensor) -> Tensor:
     to the largest eigenvalue): it keeps that growth at about k·sqrt(ε) of the solution. A matrix that Hs + δI does
     not make definite (not PSD up to rounding) gets u = 0.
     """
-    m = Hs.shape[-1]
-    eye = torch.eye(m, dtype=Hs.dtype, device=Hs.device)
     delta = torch.finfo(Hs.dtype).eps ** 0.5 * torch.linalg.matrix_norm(Hs).unsqueeze(-1).unsqueeze(-1)
-    inv, factored = _cholesky_inverse(Hs + delta * eye)
-    u = torch.zeros_like(ls)
-    for _ in range(REGULARISED_ITERATIONS):
-        u = u + (inv @ (ls - (Hs @ u.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
+    u, factored = _iterated_solve(Hs, ls, delta, REGULARISED_ITERATIONS)
     return torch.where(factored.unsqueeze(-1), u, torch.zeros_like(u))
 
 
